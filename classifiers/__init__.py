@@ -1,0 +1,1 @@
+"""Content classifiers (the Bayes model, its tokenizer, training)."""

@@ -1,0 +1,1 @@
+"""MailGate: the SMTP gateway, its queue and delivery."""

@@ -1,0 +1,391 @@
+"""The config schema, its defaults, and loading from TOML.
+
+Defaults live here beside the schema; a file overrides them.  Plugin packages
+(rules/, classifiers/, scanners/) contribute their own sections through
+``gateway.plugins``; ``load`` composes one model from both and validates the
+whole file at once, so a bad file is refused with every key, value and reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
+
+from gateway.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- value types -----------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> float:
+    """'5d', '30m', '90s', '10' or a number -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m, 2h or 5d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError("expected a duration such as 30s, 5m, 2h or 5d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
+    """'127.0.0.1:2525', '[::1]:25', 'mail.example.test:25' -> HostPort."""
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a string host:port")
+    text = value.strip()
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text) or re.match(r"^([^:\[\]]+)(?::(\d+))?$", text)
+    if not m:
+        raise ValueError("expected host:port, with IPv6 addresses in brackets as [::1]:25")
+    host, port = m.group(1), m.group(2)
+    if port is None:
+        if default_port is None:
+            raise ValueError("a port is required (host:port)")
+        port = default_port
+    port = int(port)
+    if not 0 < port < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    if ":" in host:
+        ipaddress.IPv6Address(host.split("%")[0])
+    return HostPort(host, port)
+
+
+def _listen(value: Any) -> HostPort:
+    hp = parse_hostport(value)
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        if hp.host not in ("localhost", "*"):
+            raise ValueError("listen address must be an IP address") from None
+    return hp
+
+
+def _nameserver(value: Any) -> HostPort:
+    hp = parse_hostport(value, default_port=53)
+    ipaddress.ip_address(hp.host)  # raises a ValueError naming the problem
+    return hp
+
+
+def _network(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR network string")
+    return str(ipaddress.ip_network(value.strip(), strict=False))
+
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+
+
+def normalize_domain(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a domain name")
+    d = value.strip().lower().rstrip(".")
+    try:
+        d = d.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("not a valid domain name") from None
+    if not _DOMAIN.match(d):
+        raise ValueError("not a valid domain name")
+    return d
+
+
+ListenAddress = Annotated[HostPort, BeforeValidator(_listen)]
+NameServer = Annotated[HostPort, BeforeValidator(_nameserver)]
+Network = Annotated[str, BeforeValidator(_network)]
+Domain = Annotated[str, BeforeValidator(normalize_domain)]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where mail for a domain goes next."""
+
+    kind: str  # "smtp" | "mx" | "local"
+    host: str = ""
+    port: int = 25
+    path: str = ""
+    mx_lookup: bool = False  # smtp:host:port without brackets looks up MX of host
+
+    def __str__(self) -> str:
+        if self.kind == "mx":
+            return "mx"
+        if self.kind == "local":
+            return f"local:{self.path}"
+        h = f"[{self.host}]" if not self.mx_lookup else self.host
+        return f"smtp:{h}:{self.port}"
+
+
+def parse_route(value: Any) -> Route:
+    if isinstance(value, Route):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a route string")
+    text = value.strip()
+    if text == "mx":
+        return Route("mx")
+    if text.startswith("local:"):
+        path = text[len("local:"):]
+        if not path:
+            raise ValueError("local: needs a Maildir path, as local:var/mail")
+        return Route("local", path=path)
+    if text.startswith("smtp:"):
+        rest = text[len("smtp:"):]
+        bracketed = rest.startswith("[")
+        hp = parse_hostport(rest, default_port=25)
+        if not bracketed:
+            normalize_domain(hp.host)
+        return Route("smtp", host=hp.host, port=hp.port, mx_lookup=not bracketed)
+    raise ValueError('expected "smtp:[host]:port", "smtp:host:port", "mx" or "local:PATH"')
+
+
+RouteSpec = Annotated[Route, BeforeValidator(parse_route)]
+
+
+def _subject_tag(value: str) -> str:
+    if value.count("%s") != 1:
+        raise ValueError('must contain %s exactly once, where the subject goes (as "SPAM*** %s")')
+    return value
+
+
+# --- core sections ---------------------------------------------------------
+
+
+class ServerSettings(Section):
+    listen: list[ListenAddress] = Field(default_factory=lambda: [_listen("127.0.0.1:2525")])
+    hostname: Domain = Field(default_factory=lambda: normalize_domain(socket.getfqdn() or "localhost"))
+    max_message_size: int = Field(10 * 1024 * 1024, gt=0)
+    max_recipients: int = Field(100, gt=0)
+    max_connections: int = Field(1000, gt=0)
+    max_connections_per_ip: int = Field(50, gt=0)
+    idle_timeout: Duration = 300.0
+    tls_certificate: str = ""
+    tls_key: str = ""
+
+
+class RelaySettings(Section):
+    domains: list[Domain] = Field(default_factory=list)
+    trusted_networks: list[Network] = Field(default_factory=list)
+
+
+class DnsSettings(Section):
+    nameservers: list[NameServer] = Field(default_factory=list)
+    timeout: float = Field(3.0, gt=0, le=60)
+    cache_size: int = Field(10000, ge=0)
+
+
+class SpamSettings(Section):
+    threshold: float = 5.0
+    subject_tag: Annotated[str, AfterValidator(_subject_tag)] = "SPAM*** %s"
+    reject_threshold: float = 15.0
+    quarantine_threshold: Optional[float] = None
+
+
+class QueueSettings(Section):
+    dir: str = "var/queue"
+    lifetime: Duration = 5 * 86400.0
+    retry_min: Duration = 300.0
+    retry_max: Duration = 4000.0
+    delivery_concurrency: int = Field(50, gt=0)
+    connect_timeout: Duration = 30.0
+
+
+class AuthSettings(Section):
+    users_file: str = ""
+
+
+class ChecksSettings(Section):
+    disabled: list[str] = Field(default_factory=list)
+    order: list[str] = Field(default_factory=list)
+
+
+class LogSettings(Section):
+    level: str = "info"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+
+CORE_SECTIONS: dict[str, type[Section]] = {
+    "server": ServerSettings,
+    "relay": RelaySettings,
+    "dns": DnsSettings,
+    "spam": SpamSettings,
+    "queue": QueueSettings,
+    "auth": AuthSettings,
+    "checks": ChecksSettings,
+    "log": LogSettings,
+}
+
+
+def _default_for(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return Field(default_factory=annotation)
+    return Field(default_factory=list)  # e.g. list[ScannerSettings]
+
+
+def build_model(plugin_sections: dict[str, Any]) -> type[BaseModel]:
+    """One model for the whole file: core sections plus those of plugins."""
+    fields: dict[str, Any] = {}
+    for name, model in {**CORE_SECTIONS, **plugin_sections}.items():
+        fields[name] = (model, _default_for(model))
+    fields["routes"] = (dict[str, RouteSpec], Field(default_factory=lambda: {"*": Route("mx")}))
+    fields["scores"] = (dict[str, float], Field(default_factory=dict))
+    model = create_model(
+        "Config", __config__=ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True), **fields
+    )
+    return model
+
+
+def _route_keys_valid(routes: dict[str, Route]) -> list[str]:
+    problems = []
+    for key in routes:
+        if key == "*":
+            continue
+        try:
+            normalize_domain(key.lstrip("."))
+        except ValueError:
+            problems.append(f"routes.{key!r}: not a domain name or \"*\"")
+    return problems
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            reason = "unknown key"
+        else:
+            reason = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        out.append(f"{key}{shown}: {reason}")
+    return out
+
+
+def validate(data: dict, plugin_sections: dict[str, Any], path: str | None = None):
+    model = build_model(plugin_sections)
+    try:
+        config = model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err), path) from None
+    problems = _route_keys_valid(config.routes)
+    if config.spam.reject_threshold < config.spam.threshold:
+        problems.append(
+            f"spam.reject_threshold = {config.spam.reject_threshold}: must not be below spam.threshold"
+            f" ({config.spam.threshold})"
+        )
+    if bool(config.server.tls_certificate) != bool(config.server.tls_key):
+        problems.append("server.tls_certificate / server.tls_key: give both or neither")
+    if problems:
+        raise ConfigError(problems, path)
+    return config
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+
+
+# The config `make run` uses when no file is given: a gateway a new user can
+# send a message to at once and read the result in a Maildir.
+EMBEDDED_DEFAULT = """
+[server]
+listen = ["127.0.0.1:2525"]
+hostname = "mailgate.localhost"
+[relay]
+domains = ["example.test"]
+trusted_networks = ["127.0.0.0/8", "::1/128"]
+[routes]
+"example.test" = "local:var/mail"
+"*" = "local:var/mail"
+[queue]
+dir = "var/queue"
+"""
+
+
+def find_config_path(explicit: str | None) -> str | None:
+    """-c FILE, then $MAILGATE_CONFIG, then ./mailgate.toml; None = embedded."""
+    if explicit:
+        return explicit
+    env = os.environ.get("MAILGATE_CONFIG")
+    if env:
+        return env
+    if os.path.exists("mailgate.toml"):
+        return "mailgate.toml"
+    return None
+
+
+def load(path: str | None, plugin_sections: dict[str, Any] | None = None):
+    """Load and validate; ``path=None`` loads the embedded default."""
+    if plugin_sections is None:
+        from gateway.plugins import discover
+
+        plugin_sections = discover().sections
+    if path is None:
+        data = tomllib.loads(EMBEDDED_DEFAULT)
+    else:
+        data = read_toml(path)
+    return validate(data, plugin_sections, path or "(embedded default)")
+
+
+def route_for(routes: dict[str, Route], domain: str) -> Route:
+    """Exact domain, then parent domains given as '.example.test', then '*'."""
+    domain = domain.lower().rstrip(".")
+    if domain in routes:
+        return routes[domain]
+    labels = domain.split(".")
+    for i in range(1, len(labels)):
+        parent = "." + ".".join(labels[i:])
+        if parent in routes:
+            return routes[parent]
+    return routes.get("*", Route("mx"))

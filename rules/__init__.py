@@ -1,0 +1,1 @@
+"""Connection, envelope and content rules: each a small check in its own file."""

@@ -1,0 +1,40 @@
+"""Header checks that need no network: the headers RFC 5322 requires, and a
+From that parses to exactly one address."""
+
+from __future__ import annotations
+
+from email.utils import getaddresses
+
+from gateway.plugins import Check
+from gateway.records import Result, Stage
+
+
+class HeaderSanity(Check):
+    name = "header_sanity"
+    stage = Stage.DATA
+    priority = 20
+
+    def check(self, txn):
+        msg = txn.message.parsed
+        out = []
+        if msg.get("Date") is None:
+            out.append(Result("MISSING_DATE", 1.0, "no Date: header"))
+        if msg.get("Message-ID") is None:
+            out.append(Result("MISSING_MID", 0.5, "no Message-ID: header"))
+        froms = msg.get_all("From") or []
+        if not froms:
+            out.append(Result("MISSING_FROM", 1.5, "no From: header"))
+        elif len(froms) > 1 or not _one_address(str(froms[0])):
+            out.append(Result("FROM_MALFORMED", 1.5, "From: is not one valid address"))
+        return out
+
+
+def _one_address(value: str) -> bool:
+    pairs = [(n, a) for n, a in getaddresses([value]) if n or a]
+    if len(pairs) != 1:
+        return False
+    local, _, domain = pairs[0][1].rpartition("@")
+    return bool(local) and "." in domain and " " not in pairs[0][1]
+
+
+CHECKS = (HeaderSanity,)

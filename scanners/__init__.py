@@ -1,0 +1,1 @@
+"""Anti-virus engine adapters behind one interface."""
