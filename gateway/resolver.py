@@ -13,6 +13,7 @@ Coroutines here must run as asyncio tasks under the asyncio reactor
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -82,6 +83,9 @@ class Resolver:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], tuple[float, Lookup]] = OrderedDict()
         self._clock = clock
+        # identical lookups already on the wire: checks of one stage run
+        # concurrently and often ask the same question (the client's PTR)
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
         self.queries = 0  # sent to the network (for tests and bench)
 
     @classmethod
@@ -114,14 +118,30 @@ class Resolver:
         hit = self._cached(key)
         if hit is not None:
             return hit
-        self.queries += 1
-        lookup, ttl = await self._query(name, rdtype)
-        self._store(key, lookup, ttl)
-        return lookup
+        pending = self._inflight.get(key)
+        if pending is not None and pending.get_loop() is asyncio.get_running_loop():
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            self.queries += 1
+            lookup, ttl = await self._query(name, rdtype)
+            self._store(key, lookup, ttl)
+            future.set_result(lookup)
+            return lookup
+        except BaseException:  # cancelled: waiters must not hang
+            future.cancel()
+            raise
+        finally:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
     async def _query(self, name: str, rdtype: str) -> tuple[Lookup, float]:
         try:
             ans = await self._resolver.resolve(name + ".", rdtype, raise_on_no_answer=False, search=False)
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
+            # a malformed name from the client (HELO, sender domain) cannot be looked up
+            return Lookup(name, rdtype, SERVFAIL), FAILURE_TTL
         except dns.resolver.NXDOMAIN as e:
             return Lookup(name, rdtype, NXDOMAIN), self._negative_ttl(e.response(e.qnames()[0]) if e.qnames() else None)
         except (dns.exception.Timeout, dns.resolver.LifetimeTimeout):
@@ -157,9 +177,5 @@ class Resolver:
 
     async def addresses(self, host: str) -> list[str]:
         """A then AAAA addresses of a host, empty when it has none."""
-        out = []
-        for t in ("A", "AAAA"):
-            lookup = await self.query(host, t)
-            if lookup.ok:
-                out.extend(lookup.records)
-        return out
+        found = await asyncio.gather(self.query(host, "A"), self.query(host, "AAAA"))
+        return [rec for lookup in found if lookup.ok for rec in lookup.records]
