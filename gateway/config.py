@@ -197,6 +197,8 @@ class ServerSettings(Section):
     max_connections: int = Field(1000, gt=0)
     max_connections_per_ip: int = Field(50, gt=0)
     idle_timeout: Duration = 300.0
+    # wait this long before the greeting; a client that talks first is refused
+    greet_pause: Duration = 0.0
     tls_certificate: str = ""
     tls_key: str = ""
 

@@ -1,0 +1,139 @@
+"""`mailgate run` as a real subprocess on a free loopback port.
+
+``GatewayProcess`` writes a config (listening on a free port, accepting mail
+for example.test, routing everything to a downstream sink, its queue in a temp
+dir) plus whatever TOML a test appends, starts the gateway, and waits until
+it answers SMTP.  ``stop()`` sends SIGTERM (graceful), ``kill()`` SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from tests.support.ports import free_port
+
+MAILGATE = [sys.executable, "-m", "gateway.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def base_config(port: int, queue_dir: str, downstream: Optional[str], dns: Optional[str] = None,
+                domains=("example.test",), trusted=(), hostname: str = "mx.gateway.test") -> str:
+    route = f'"smtp:[127.0.0.1]:{downstream}"' if downstream else '"mx"'
+    lines = [
+        "[server]",
+        f'listen = ["127.0.0.1:{port}"]',
+        f'hostname = "{hostname}"',
+        "[relay]",
+        f"domains = {list(domains)!r}".replace("'", '"'),
+        f"trusted_networks = {list(trusted)!r}".replace("'", '"'),
+        "[routes]",
+        f'"*" = {route}',
+        "[queue]",
+        f'dir = "{queue_dir}"',
+        'retry_min = "1s"',
+        'retry_max = "2s"',
+        'connect_timeout = "5s"',
+    ]
+    if dns:
+        lines += ["[dns]", f'nameservers = ["{dns}"]', "timeout = 2.0"]
+    return "\n".join(lines) + "\n"
+
+
+class GatewayProcess:
+    def __init__(self, workdir: Path, config_text: str, port: int):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "mailgate.toml"
+        self.config_path.write_text(config_text)
+        self.host = "127.0.0.1"
+        self.port = port
+        self.log_path = self.workdir / "mailgate.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 20.0) -> "GatewayProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("MAILGATE_CONFIG", None)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            MAILGATE + ["run", "-c", str(self.config_path)], cwd=str(self.workdir), env=env,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mailgate exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as s:
+                    s.settimeout(2)
+                    if s.recv(512).startswith(b"220"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"mailgate did not answer on port {self.port}:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 40.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def smtp(self, source_address: Optional[str] = None, timeout: float = 30) -> smtplib.SMTP:
+        src = (source_address, 0) if source_address else None
+        return smtplib.SMTP(self.host, self.port, timeout=timeout, source_address=src)
+
+    def queue_dir(self) -> Path:
+        return self.workdir / "queue"
+
+    def cli(self, *args: str, check: bool = False, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
+        """Run another mailgate subcommand against this gateway's config."""
+        return subprocess.run(MAILGATE + list(args) + ["-c", str(self.config_path)], cwd=str(self.workdir),
+                              capture_output=True, check=check, input=input, timeout=120)
+
+
+def mailgate_factory(tmp_path: Path, sink=None):
+    """What the ``mailgate`` fixture returns: call it to get a running gateway."""
+    started: list[GatewayProcess] = []
+
+    def make(extra_toml: str = "", dns: Optional[str] = None, downstream_port: Optional[int] = None,
+             trusted=(), domains=("example.test",), start: bool = True, name: str = "gw") -> GatewayProcess:
+        port = free_port()
+        workdir = tmp_path / f"{name}{len(started)}"
+        downstream = downstream_port if downstream_port is not None else (sink.port if sink else None)
+        text = base_config(port, str(workdir / "queue"), downstream, dns, domains, trusted) + "\n" + extra_toml
+        gw = GatewayProcess(workdir, text, port)
+        started.append(gw)
+        return gw.start() if start else gw
+
+    make.started = started
+    return make
