@@ -74,6 +74,7 @@ class GatewaySMTP(smtp.ESMTP):
     def __init__(self, factory: "GatewayFactory"):
         super().__init__(chal=dict(factory.challengers), contextFactory=factory.tls_context)
         self.factory = factory
+        self.callLater = factory.reactor.callLater  # TimeoutMixin's clock: injectable
         self.portal = factory.portal
         self.runtime = factory.runtime  # a snapshot: a reload never changes a session midway
         self.host = self.runtime.config.server.hostname.encode()
