@@ -1,0 +1,559 @@
+"""Delivery of one spooled message to its next hops, with per-recipient outcomes.
+
+``Deliverer.deliver(queue_id, sender, recipients, data)`` fires with one
+``Outcome`` per recipient, in the order given:
+
+- ``sent``: the next hop took it (2xx after DATA), or it is in the Maildir;
+- ``deferred``: try again later (a 4xx, connection trouble, a DNS failure);
+- ``failed``: permanent (a 5xx, a domain that does not exist): bounce it.
+
+It never raises and never blocks the reactor; the queue manager decides
+about retries, lifetimes and bounces (``gateway.dsn``).
+
+Routing (``[routes]`` in the config, ``gateway.config.route_for``):
+
+- ``smtp:[host]:port``: that host (an IP, or a name resolved to A/AAAA), no MX
+  lookup, as in Postfix;
+- ``smtp:host:port``: the MX hosts of ``host`` on that port, else its A/AAAA;
+- ``mx``: the MX hosts of the recipient domain on port 25 in preference
+  order (equal preferences in random order, RFC 5321 5.1), else the domain's
+  own A/AAAA when it has no MX (NOANSWER).  NXDOMAIN fails the recipients
+  with 5.1.2, a null MX (RFC 7505) with 5.1.10, a DNS timeout defers them;
+  an MX naming our own hostname drops it and every worse one (no loops);
+- ``local:PATH``: one copy per recipient into the Maildir (``gateway.maildir``)
+  in a thread.
+
+Recipients are grouped per next hop: one connection per (route, message),
+every recipient of the group in one transaction.  When a host cannot be
+reached, refuses at the greeting or EHLO, or answers 4xx for some
+recipients, those recipients go on to the next address (at most
+``MAX_ADDRESSES`` per group, like Postfix's smtp_mx_address_limit); a 5xx
+is final at once.
+
+TLS is opportunistic: when the server offers STARTTLS it is used with a
+context that does NOT verify the certificate (RFC 7435: encryption against
+passive listeners; an unauthenticated channel is still better than clear
+text, and most MX certificates would not verify anyway).  If the TLS
+handshake fails, the same host is tried once more in clear text, as
+Postfix's "may" level does.  Pass ``tls_client_context_factory=False`` to
+never use STARTTLS, or a context factory of your own (for instance one that
+verifies) to replace the default.
+
+One log line per recipient per delivery attempt, on "mailgate.delivery"::
+
+    queue_id=Q to=rcpt@x relay=mx.x[192.0.2.1]:25 status=sent code=250 reply="2.0.0 Ok" delay=0.12 tls=yes
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Callable, Optional
+
+from twisted.internet import defer, protocol
+from twisted.python.failure import Failure
+
+from gateway import maildir
+from gateway.config import Route, route_for
+from gateway.pipeline import as_deferred
+from gateway.resolver import NXDOMAIN, Lookup
+
+log = logging.getLogger("mailgate.delivery")
+
+SENT = "sent"
+DEFERRED = "deferred"
+FAILED = "failed"
+
+MAX_ADDRESSES = 5  # next-hop addresses tried per group and attempt
+DEFAULT_COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: minutes, not seconds
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one recipient in one delivery attempt.
+
+    ``reply`` is the text after the code (``"5.1.1 <x@y>: User unknown"``).
+    ``relay`` names the host that answered (``mx.x[192.0.2.1]:25``); it is
+    empty when MailGate decided itself (DNS said no such domain, a Maildir).
+    """
+
+    recipient: str
+    status: str  # SENT | DEFERRED | FAILED
+    code: int
+    reply: str
+    relay: str = ""
+    remote: bool = field(default=False, compare=False)  # the reply came from a remote SMTP server
+
+    @property
+    def enhanced(self) -> str:
+        """The RFC 3463 status: from the reply when it has one, else from the code class."""
+        m = _ENHANCED.match(self.reply)
+        if m and (not self.code or str(self.code)[0] == m.group(1)):
+            return m.group(0)
+        if 200 <= self.code < 300:
+            return "2.0.0"
+        if 400 <= self.code < 500 or self.status == DEFERRED:
+            return "4.0.0"
+        return "5.0.0"
+
+
+def classify(code: int) -> str:
+    if 200 <= code < 300:
+        return SENT
+    if 500 <= code < 600:
+        return FAILED
+    return DEFERRED  # 4xx, and anything a broken server says
+
+
+@dataclass(frozen=True)
+class _Hop:
+    name: str
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.ip}]:{self.port}"
+
+
+@dataclass
+class _Problem:
+    """Why a group has no next hop (or lost one): applies to every recipient."""
+
+    status: str
+    code: int
+    reply: str
+    relay: str = ""
+    remote: bool = False
+
+    def outcome(self, recipient: str) -> Outcome:
+        return Outcome(recipient, self.status, self.code, self.reply, self.relay, self.remote)
+
+
+@dataclass
+class _Session:
+    """What one SMTP connection produced."""
+
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # per recipient when a transaction ran
+    problem: Optional[_Problem] = None  # otherwise why the session failed
+    tls_failed: bool = False  # the TLS handshake broke: retry in clear text
+    tls: bool = False
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def wire_form(data: bytes) -> bytes:
+    """CRLF line ends and dot-stuffing (RFC 5321 4.5.2), done once per message."""
+    data = re.sub(rb"\r?\n", b"\r\n", data)
+    return re.sub(rb"(?m)^\.", b"..", data)
+
+
+def _text(resp) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    return " ".join(str(resp).split())
+
+
+@functools.cache
+def _client_classes():
+    """The Twisted SMTP client classes, made on first use: twisted.mail.smtp
+    installs the default reactor when imported, so importing this module
+    (for ``Outcome``, say) must not import it before the service has
+    installed the asyncio reactor."""
+    from twisted.mail import smtp
+
+    class _Address(smtp.Address):
+        """An envelope address sent exactly as given: Twisted's parser would
+        rewrite or refuse valid addresses (quoted local parts, no domain)."""
+
+        def __init__(self, raw: str):
+            self.raw = raw
+            self.addrstr = raw.encode("utf-8")
+            self.local, _, self.domain = self.addrstr.rpartition(b"@")
+
+        def __bytes__(self) -> bytes:
+            return self.addrstr
+
+        def __str__(self) -> str:
+            return self.raw
+
+
+    class _DeliveryClient(smtp.ESMTPClient):
+        """One connection, one transaction, then QUIT."""
+
+        def __init__(self, attempt: "_Attempt"):
+            super().__init__(secret=None, contextFactory=attempt.tls_context, identity=attempt.hostname)
+            self.attempt = attempt
+            self.timeout = attempt.command_timeout
+            self._offered = False
+            self._helo_refused_once = False
+            self._tls_started = False
+            self._tls_ok = False
+            self._extensions: dict[bytes, Optional[bytes]] = {}
+
+        # -- what to send ------------------------------------------------------
+        def getMailFrom(self):
+            if self._offered:
+                return None  # one transaction per connection
+            self._offered = True
+            return _Address(self.attempt.sender)
+
+        def getMailTo(self):
+            return [_Address(r) for r in self.attempt.recipients]
+
+        def getMailData(self):
+            return BytesIO(self.attempt.wire)
+
+        def transformChunk(self, chunk):
+            # the data is already in wire form (CRLF, dot-stuffed): the base class
+            # would turn CRLF into CRCRLF
+            self.resetTimeout()
+            return chunk
+
+        # -- protocol hooks ----------------------------------------------------
+        def esmtpState_serverConfig(self, code, resp):
+            self._extensions = {}
+            for line in resp.splitlines():
+                parts = line.split(None, 1)
+                if parts:
+                    self._extensions[parts[0].upper()] = parts[1] if len(parts) > 1 else None
+            if self._tlsMode:
+                self._tls_ok = True  # EHLO answered through TLS: the handshake worked
+            return super().esmtpState_serverConfig(code, resp)
+
+        def esmtpState_starttls(self, code, resp):
+            self._tls_started = True
+            return super().esmtpState_starttls(code, resp)
+
+        def smtpState_helo(self, code, resp):
+            # the base class falls back from EHLO to HELO but would repeat HELO
+            # for ever when the server refuses that too
+            if self._helo_refused_once:
+                return self.sendError(smtp.SMTPClientError(code, resp, self.log.str()))
+            self._helo_refused_once = True
+            return super().smtpState_helo(code, resp)
+
+        def smtpState_from(self, code, resp):
+            self._from = self.getMailFrom()
+            self._failresponse = self.smtpTransferFailed
+            if self._from is None:
+                return self._disconnectFromServer()
+            params = b""
+            if b"SIZE" in self._extensions:
+                params += b" SIZE=%d" % len(self.attempt.wire)
+            if self.attempt.eight_bit and b"8BITMIME" in self._extensions:
+                params += b" BODY=8BITMIME"
+            # written out here rather than through quoteaddr(), which would send
+            # the null sender only by accident of email.utils.parseaddr
+            self.sendLine(b"MAIL FROM:<" + bytes(self._from) + b">" + params)
+            self._expected = [250]
+            self._okresponse = self.smtpState_to
+
+        def sentMail(self, code, resp, numOk, addresses, log):
+            self.attempt.transaction_done(code, resp, numOk, addresses, self._tlsMode)
+
+        def sendError(self, exc):
+            code = getattr(exc, "code", -1)
+            # a refused STARTTLS or a broken handshake: the caller retries in clear text
+            tls_failed = isinstance(exc, smtp.TLSError) or (self._tls_started and not self._tls_ok)
+            self.attempt.session_failed(code if isinstance(code, int) else -1, getattr(exc, "resp", str(exc)),
+                                        tls_failed=tls_failed)
+            super().sendError(exc)
+
+        def connectionLost(self, reason=protocol.connectionDone):
+            super().connectionLost(reason)
+            self.attempt.connection_lost(reason, tls_failed=self._tls_started and not self._tls_ok)
+
+    return smtp, _Address, _DeliveryClient
+
+
+class _Attempt(protocol.ClientFactory):
+    """One connection to one next-hop address; ``result`` fires with a ``_Session``."""
+
+    def __init__(self, reactor, hop: _Hop, sender: str, recipients: list[str], wire: bytes, eight_bit: bool,
+                 hostname: str, tls_context, command_timeout: float):
+        self.reactor = reactor
+        self.hop = hop
+        self.sender = sender
+        self.recipients = recipients
+        self.wire = wire
+        self.eight_bit = eight_bit
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.command_timeout = command_timeout
+        self.result: defer.Deferred = defer.Deferred()
+        self._done = False
+
+    def buildProtocol(self, addr):
+        p = _client_classes()[2](self)
+        p.factory = self
+        p.callLater = self.reactor.callLater  # command timeouts on the injected reactor
+        return p
+
+    def _finish(self, session: _Session) -> None:
+        if not self._done:
+            self._done = True
+            self.result.callback(session)
+
+    def transaction_done(self, code, resp, num_ok, addresses, tls) -> None:
+        relay = str(self.hop)
+        data_reply = _text(resp)
+        outcomes: dict[str, Outcome] = {}
+        for address, rcode, rresp in addresses:
+            rcpt = getattr(address, "raw", None) or str(address)
+            if 200 <= rcode < 300:
+                outcomes[rcpt] = Outcome(rcpt, classify(code), code, data_reply, relay, True)
+            else:
+                outcomes[rcpt] = Outcome(rcpt, classify(rcode), rcode, _text(rresp), relay, True)
+        for rcpt in self.recipients:
+            # refused before any RCPT (at MAIL FROM): that reply is everyone's
+            outcomes.setdefault(rcpt, Outcome(rcpt, classify(code), code, data_reply, relay, True))
+        self._finish(_Session(outcomes=outcomes, tls=tls))
+
+    def session_failed(self, code: int, resp, tls_failed: bool = False) -> None:
+        text = _text(resp) or "session failed"
+        if code > 0:
+            problem = _Problem(classify(code) if code >= 400 else DEFERRED, code, text, str(self.hop), True)
+        else:
+            problem = _Problem(DEFERRED, 451, f"4.4.2 {self.hop}: {text}", str(self.hop))
+        self._finish(_Session(problem=problem, tls_failed=tls_failed))
+
+    def connection_lost(self, reason: Failure, tls_failed: bool) -> None:
+        why = reason.getErrorMessage() if reason is not None else "connection closed"
+        self._finish(_Session(
+            problem=_Problem(DEFERRED, 451, f"4.4.2 lost connection with {self.hop}: {why}", str(self.hop)),
+            tls_failed=tls_failed,
+        ))
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self._finish(_Session(problem=_Problem(
+            DEFERRED, 451, f"4.4.1 connect to {self.hop}: {reason.getErrorMessage()}", str(self.hop))))
+
+
+def default_tls_context():
+    """Opportunistic TLS: encrypt, do not verify (see the module docstring)."""
+    from twisted.internet.ssl import CertificateOptions
+
+    return CertificateOptions(verify=False)
+
+
+def _default_run_in_thread(f, *args, **kwargs) -> defer.Deferred:
+    from twisted.internet import threads
+
+    return threads.deferToThread(f, *args, **kwargs)
+
+
+class Deliverer:
+    def __init__(
+        self,
+        reactor,
+        resolver,
+        routes: dict[str, Route],
+        hostname: str,
+        connect_timeout: float = 30.0,
+        tls_client_context_factory=None,
+        *,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        smtp_port: int = 25,
+        run_in_thread: Callable[..., defer.Deferred] = _default_run_in_thread,
+        max_addresses: int = MAX_ADDRESSES,
+        rng: Optional[random.Random] = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.reactor = reactor
+        self.resolver = resolver
+        self.routes = routes
+        self.hostname = hostname
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.smtp_port = smtp_port  # of "mx" next hops (Postfix: the "smtp" service port)
+        if tls_client_context_factory is None:
+            tls_client_context_factory = default_tls_context()
+        self.tls_context = tls_client_context_factory or None  # False: never STARTTLS
+        self.run_in_thread = run_in_thread
+        self.max_addresses = max_addresses
+        self._rng = rng or random.Random()
+        self._clock = clock
+
+    # -- the one entry point ----------------------------------------------------
+    def deliver(self, queue_id: str, sender: str, recipients: list[str], data: bytes,
+                arrival: Optional[float] = None) -> defer.Deferred:
+        """Fires with ``list[Outcome]``, one per recipient in order; never errbacks.
+
+        ``arrival`` (epoch seconds) makes ``delay=`` in the log the time since
+        the message arrived; without it, the time this attempt took.
+        """
+        return defer.Deferred.fromCoroutine(self._deliver(queue_id, sender, list(recipients), data, arrival))
+
+    async def _deliver(self, queue_id, sender, recipients, data, arrival) -> list[Outcome]:
+        started = arrival if arrival is not None else self._clock()
+        groups: dict[tuple, list[str]] = {}
+        for rcpt in recipients:
+            domain = rcpt.rpartition("@")[2].lower().rstrip(".")
+            route = route_for(self.routes, domain)
+            key = (route, domain if route.kind == "mx" else "")
+            if rcpt not in groups.setdefault(key, []):
+                groups[key].append(rcpt)
+        message = _Message(sender, data)
+        ds = [defer.Deferred.fromCoroutine(self._deliver_group(queue_id, route, domain, rcpts, message))
+              for (route, domain), rcpts in groups.items()]
+        results = await defer.gatherResults(ds, consumeErrors=True)
+        by_rcpt: dict[str, tuple[Outcome, bool]] = {}
+        for group in results:
+            for outcome, tls in group:
+                by_rcpt[outcome.recipient] = (outcome, tls)
+        delay = max(0.0, self._clock() - started)
+        for rcpt, (outcome, tls) in by_rcpt.items():
+            self._log(queue_id, outcome, delay, tls)
+        return [by_rcpt[r][0] for r in recipients]
+
+    async def _deliver_group(self, queue_id, route: Route, domain: str, recipients: list[str],
+                             message: "_Message") -> list[tuple[Outcome, bool]]:
+        try:
+            if route.kind == "local":
+                return [(await self._deliver_local(route, rcpt, message), False) for rcpt in recipients]
+            return await self._deliver_smtp(queue_id, route, domain, recipients, message)
+        except Exception as e:  # a bug must defer the mail, never lose it or stall the queue
+            log.exception("queue_id=%s route=%s internal error in delivery", queue_id, route)
+            return [(Outcome(r, DEFERRED, 451, f"4.3.0 internal error: {e}"), False) for r in recipients]
+
+    # -- SMTP ---------------------------------------------------------------
+    async def _deliver_smtp(self, queue_id, route, domain, recipients, message) -> list[tuple[Outcome, bool]]:
+        hops, problem = await self._next_hops(route, domain)
+        if problem is not None:
+            return [(problem.outcome(r), False) for r in recipients]
+        pending = list(recipients)
+        last: dict[str, Outcome] = {}
+        final: dict[str, tuple[Outcome, bool]] = {}
+        for i, hop in enumerate(hops):
+            is_last_hop = i == len(hops) - 1
+            session = await self._session(hop, message, pending, self.tls_context)
+            if session.tls_failed and self.tls_context is not None:
+                log.info("queue_id=%s relay=%s event=tls_failed retry=cleartext", queue_id, hop)
+                session = await self._session(hop, message, pending, None)
+            if session.problem is not None:
+                log.info('queue_id=%s relay=%s event=session_failed code=%s reply="%s"',
+                         queue_id, hop, session.problem.code, _quote(session.problem.reply))
+                for r in pending:
+                    last[r] = session.problem.outcome(r)
+                # a 5xx greeting or EHLO refusal is that host's problem: the next MX may take it
+                continue
+            for r in pending:
+                outcome = session.outcomes[r]
+                if outcome.status == DEFERRED and not is_last_hop:
+                    last[r] = outcome
+                else:
+                    final[r] = (outcome, session.tls)
+            pending = [r for r in pending if r not in final]
+            if not pending:
+                break
+        for r in pending:
+            final[r] = (last.get(r) or Outcome(r, DEFERRED, 451, "4.4.1 no next hop could be reached"), False)
+        return [final[r] for r in recipients]
+
+    def _session(self, hop: _Hop, message: "_Message", recipients, tls_context) -> defer.Deferred:
+        attempt = _Attempt(self.reactor, hop, message.sender, list(recipients), message.wire, message.eight_bit,
+                           self.hostname, tls_context, self.command_timeout)
+        self.reactor.connectTCP(hop.ip, hop.port, attempt, timeout=self.connect_timeout)
+        return attempt.result
+
+    async def _next_hops(self, route: Route, domain: str) -> tuple[list[_Hop], Optional[_Problem]]:
+        if route.kind == "smtp" and not route.mx_lookup:
+            if _is_ip(route.host):
+                return [_Hop(route.host, route.host, route.port)], None
+            addresses = await as_deferred(self.resolver.addresses(route.host))
+            if not addresses:
+                return [], _Problem(DEFERRED, 451, f"4.4.3 no address found for relay host {route.host}")
+            return [_Hop(route.host, ip, route.port) for ip in addresses][: self.max_addresses], None
+
+        target = route.host if route.kind == "smtp" else domain
+        port = route.port if route.kind == "smtp" else self.smtp_port
+        # a missing configured relay host is an admin's typo: wait for the fix
+        # rather than bouncing; a missing recipient domain is final
+        missing_is_final = route.kind == "mx"
+        if not target:
+            return [], _Problem(FAILED, 550, "5.1.3 recipient address has no domain")
+        mx: Lookup = await as_deferred(self.resolver.mx(target))
+        if mx.status == NXDOMAIN:
+            if missing_is_final:
+                return [], _Problem(FAILED, 550, f"5.1.2 domain {target} does not exist (NXDOMAIN)")
+            return [], _Problem(DEFERRED, 451, f"4.4.3 relay host {target} does not exist (NXDOMAIN)")
+        if mx.failed:
+            return [], _Problem(DEFERRED, 451, f"4.4.3 MX lookup for {target} failed ({mx.status})")
+        if mx.ok:
+            exchanges = self._exchanges(mx.records)
+            if exchanges == [(0, "")]:
+                return [], _Problem(FAILED, 556, f"5.1.10 domain {target} accepts no mail (null MX)")
+            mine = [pref for pref, host in exchanges if host == self.hostname.lower().rstrip(".")]
+            if mine:
+                exchanges = [(p, h) for p, h in exchanges if p < min(mine)]
+                if not exchanges:
+                    return [], _Problem(FAILED, 554, f"5.4.6 mail for {target} loops back to myself")
+        else:  # NOANSWER: the domain is its own mail host (RFC 5321 5.1)
+            exchanges = [(0, target)]
+        hosts = [h for _, h in exchanges]
+        found = await defer.gatherResults([as_deferred(self.resolver.addresses(h)) for h in hosts],
+                                          consumeErrors=True)
+        hops = [_Hop(h, ip, port) for h, ips in zip(hosts, found) for ip in ips]
+        if not hops:
+            return [], _Problem(DEFERRED, 451, f"4.4.3 no address found for the mail hosts of {target}")
+        return hops[: self.max_addresses], None
+
+    def _exchanges(self, records) -> list[tuple[int, str]]:
+        """'pref host' records -> [(pref, host)], equal preferences shuffled."""
+        parsed = []
+        for rec in records:
+            pref, _, host = rec.strip().partition(" ")
+            parsed.append((int(pref), host.strip().rstrip(".").lower()))
+        parsed.sort(key=lambda t: t[0])
+        out: list[tuple[int, str]] = []
+        for pref in sorted({p for p, _ in parsed}):
+            same = [t for t in parsed if t[0] == pref]
+            self._rng.shuffle(same)
+            out.extend(same)
+        return out
+
+    # -- local ----------------------------------------------------------------
+    async def _deliver_local(self, route: Route, rcpt: str, message: "_Message") -> Outcome:
+        relay = f"local:{route.path}"
+        try:
+            await self.run_in_thread(maildir.deliver, route.path, rcpt, message.sender, message.data,
+                                     self.hostname)
+        except maildir.MaildirError as e:
+            code = 451 if e.temporary else 554
+            return Outcome(rcpt, DEFERRED if e.temporary else FAILED, code, f"{e.enhanced} {e}", relay)
+        return Outcome(rcpt, SENT, 250, f"2.0.0 delivered to Maildir {route.path}", relay)
+
+    # -- logging --------------------------------------------------------------
+    def _log(self, queue_id: str, outcome: Outcome, delay: float, tls: bool) -> None:
+        status = "bounced" if outcome.status == FAILED else outcome.status
+        log.info('queue_id=%s to=%s relay=%s status=%s code=%s reply="%s" delay=%.2f tls=%s',
+                 queue_id, outcome.recipient, outcome.relay or "none", status, outcome.code,
+                 _quote(outcome.reply), delay, "yes" if tls else "no")
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class _Message:
+    """The bytes of one message in the two forms delivery needs, made once."""
+
+    def __init__(self, sender: str, data: bytes):
+        self.sender = sender
+        self.data = data
+        self.wire = wire_form(data)
+        self.eight_bit = any(b > 127 for b in data)

@@ -1,0 +1,508 @@
+"""gateway.delivery against real downstream SMTP servers on loopback.
+
+Downstreams: the aiosmtpd ``Sink`` (tests/support/sink.py) and postfix's
+``smtp-sink``; MX routing through a fake resolver object and once through a
+real dnsmasq.  The Deliverer runs on Twisted's asyncio reactor; each test
+drives the loop until the delivery's Deferred fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+
+def _asyncio_reactor():
+    """The gateway runs on Twisted's asyncio reactor (dnspython needs it).  It
+    must be installed before anything imports twisted.mail.smtp, which pulls
+    in the default reactor at import time: hence this runs before the imports."""
+    if "twisted.internet.reactor" not in sys.modules:
+        from twisted.internet import asyncioreactor
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        asyncioreactor.install(loop)
+    from twisted.internet import reactor
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    if not isinstance(reactor, AsyncioSelectorReactor):
+        pytest.fail("another reactor was installed first; install the asyncio reactor in tests/conftest.py")
+    return reactor
+
+
+_asyncio_reactor()
+
+from twisted.internet import threads  # noqa: E402
+from twisted.python.threadpool import ThreadPool  # noqa: E402
+
+from gateway.config import HostPort, parse_route  # noqa: E402
+from gateway.delivery import DEFERRED, FAILED, SENT, Deliverer, Outcome, wire_form  # noqa: E402
+from gateway.resolver import NOANSWER, NXDOMAIN, OK, TIMEOUT, Lookup, Resolver  # noqa: E402
+from tests.support.dns import Records, dns_servers  # noqa: E402,F401  (fixture)
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.programs import require_program  # noqa: E402
+from tests.support.sink import Sink, sink  # noqa: E402,F401  (fixture)
+
+HOSTNAME = "gw.mailgate.test"
+MESSAGE = (
+    b"From: Alice <alice@sender.test>\r\n"
+    b"To: bob@example.test\r\n"
+    b"Subject: delivery test\r\n"
+    b"Message-ID: <1@sender.test>\r\n"
+    b"\r\n"
+    b"Hello.\r\n"
+    b".a line that starts with a dot\r\n"
+    b".\r\n"
+    b"Bye.\r\n"
+)
+
+
+# -- running Twisted code from pytest ----------------------------------------------
+
+
+@pytest.fixture
+def reactor():
+    r = _asyncio_reactor()
+    # asyncio.run() elsewhere in the session unsets the current loop; dnspython
+    # tasks (gateway.pipeline.as_deferred) need it to be the reactor's loop
+    asyncio.set_event_loop(r._asyncioEventloop)
+    return r
+
+
+@pytest.fixture
+def run(reactor):
+    loop = reactor._asyncioEventloop
+
+    def run(d, timeout: float = 20.0):
+        return loop.run_until_complete(asyncio.wait_for(d.asFuture(loop), timeout))
+
+    return run
+
+
+@pytest.fixture
+def run_in_thread(reactor):
+    pool = ThreadPool(1, 2, name="test-delivery")
+    pool.start()
+    yield lambda f, *a, **kw: threads.deferToThreadPool(reactor, pool, f, *a, **kw)
+    pool.stop()
+
+
+def deliverer(reactor, routes, resolver=None, **kw) -> Deliverer:
+    kw.setdefault("connect_timeout", 5)
+    return Deliverer(reactor, resolver, {k: parse_route(v) for k, v in routes.items()}, HOSTNAME, **kw)
+
+
+class FakeResolver:
+    """mx()/addresses() as gateway.resolver.Resolver answers them, from tables."""
+
+    def __init__(self, mx=None, addresses=None):
+        self._mx = mx or {}
+        self._addresses = addresses or {}
+        self.asked: list[tuple[str, str]] = []
+
+    async def mx(self, domain):
+        self.asked.append(("MX", domain))
+        found = self._mx.get(domain)
+        if isinstance(found, str):  # a status
+            return Lookup(domain, "MX", found)
+        if found is None:
+            return Lookup(domain, "MX", NOANSWER if domain in self._addresses else NXDOMAIN)
+        return Lookup(domain, "MX", OK, tuple(found), 60)
+
+    async def addresses(self, host):
+        self.asked.append(("A", host))
+        return list(self._addresses.get(host, []))
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A port where nothing listens (connection refused)."""
+    return free_port(host)
+
+
+# -- plain SMTP delivery to the aiosmtpd sink ------------------------------------------
+
+
+def test_sent_to_literal_route_byte_for_byte(reactor, run, sink):
+    d = deliverer(reactor, {"*": f"smtp:{sink.address}"})
+    outcomes = run(d.deliver("Q1", "alice@sender.test", ["bob@example.test", "carol@example.test"], MESSAGE))
+
+    assert [(o.recipient, o.status, o.code) for o in outcomes] == [
+        ("bob@example.test", SENT, 250), ("carol@example.test", SENT, 250)]
+    assert outcomes[0].reply.startswith("2.0.0 OK queued as SINK1")
+    assert outcomes[0].relay == f"127.0.0.1[127.0.0.1]:{sink.port}"
+    assert len(sink.messages) == 1, "several recipients of one next hop share one transaction"
+    got = sink.messages[0]
+    assert got.data == MESSAGE  # dot-stuffed on the wire, unstuffed by the server
+    assert got.mail_from == "alice@sender.test"
+    assert got.rcpt_tos == ["bob@example.test", "carol@example.test"]
+    assert got.helo == HOSTNAME
+    assert f"SIZE={len(wire_form(MESSAGE))}" in got.mail_options
+
+
+def test_bare_lf_becomes_crlf_and_8bit_is_declared(reactor, run, sink):
+    data = "Subject: caf\u00e9\n\nna\u00efve body\n.\n".encode("utf-8")
+    outcomes = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver("Q2", "a@s.test", ["b@x.test"], data))
+    assert outcomes[0].status == SENT
+    assert sink.messages[0].data == data.replace(b"\n", b"\r\n")
+    assert "BODY=8BITMIME" in sink.messages[0].mail_options
+
+
+def test_null_sender_is_mail_from_empty(reactor, run, sink):
+    outcomes = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver("Q3", "", ["b@x.test"], MESSAGE))
+    assert outcomes[0].status == SENT
+    assert sink.messages[0].mail_from == ""
+
+
+def test_4xx_at_rcpt_is_deferred(reactor, run, sink):
+    sink.rcpt_reply = "451 4.3.0 try later"
+    outcomes = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver("Q4", "a@s.test", ["b@x.test"], MESSAGE))
+    assert outcomes == [Outcome("b@x.test", DEFERRED, 451, "4.3.0 try later", f"127.0.0.1[127.0.0.1]:{sink.port}")]
+    assert outcomes[0].remote and outcomes[0].enhanced == "4.3.0"
+    assert sink.messages == []
+
+
+def test_4xx_at_end_of_data_defers_every_recipient(reactor, run, sink):
+    sink.data_reply = "452 4.3.1 insufficient system storage"
+    outcomes = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver(
+        "Q5", "a@s.test", ["b@x.test", "c@x.test"], MESSAGE))
+    assert [(o.status, o.code, o.enhanced) for o in outcomes] == [(DEFERRED, 452, "4.3.1")] * 2
+
+
+def test_5xx_for_one_of_two_recipients(reactor, run):
+    with Sink(known_users={"bob@example.test"}) as s:
+        outcomes = run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver(
+            "Q6", "a@s.test", ["nobody@example.test", "bob@example.test"], MESSAGE))
+        assert [(o.recipient, o.status, o.code) for o in outcomes] == [
+            ("nobody@example.test", FAILED, 550), ("bob@example.test", SENT, 250)]
+        assert outcomes[0].enhanced == "5.1.1"
+        assert "User unknown" in outcomes[0].reply
+        assert [m.rcpt_tos for m in s.messages] == [["bob@example.test"]]
+
+
+def test_5xx_at_data_fails_everyone(reactor, run, sink):
+    sink.data_reply = "554 5.7.1 no"
+    outcomes = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver(
+        "Q7", "a@s.test", ["b@x.test", "c@x.test"], MESSAGE))
+    assert [(o.status, o.code, o.reply) for o in outcomes] == [(FAILED, 554, "5.7.1 no")] * 2
+
+
+def test_5xx_at_mail_from_fails_everyone(reactor, run, sink):
+    sink.mail_reply = "553 5.7.1 sender refused"
+    outcomes = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver("Q8", "a@s.test", ["b@x.test"], MESSAGE))
+    assert [(o.status, o.code, o.enhanced) for o in outcomes] == [(FAILED, 553, "5.7.1")]
+
+
+def test_connection_refused_is_deferred(reactor, run):
+    port = closed_port()
+    outcomes = run(deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{port}"}).deliver("Q9", "a@s.test", ["b@x.test"], MESSAGE))
+    (o,) = outcomes
+    assert (o.status, o.code, o.enhanced) == (DEFERRED, 451, "4.4.1")
+    assert f"127.0.0.1[127.0.0.1]:{port}" in o.reply and "refused" in o.reply.lower()
+
+
+def test_silent_server_times_out_and_is_deferred(reactor, run):
+    # accepts TCP connections (the kernel does) but never says a word
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        port = silent.getsockname()[1]
+        d = deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{port}"}, command_timeout=0.5)
+        (o,) = run(d.deliver("Q10", "a@s.test", ["b@x.test"], MESSAGE))
+    assert o.status == DEFERRED
+    assert "timeout" in o.reply.lower()
+
+
+def test_starttls_used_when_offered(reactor, run):
+    with Sink(tls=True) as s:
+        (o,) = run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver("Q11", "a@s.test", ["b@x.test"], MESSAGE))
+        assert o.status == SENT
+        assert s.messages[0].tls is True
+        assert s.messages[0].data == MESSAGE
+        assert s.helos == [HOSTNAME, HOSTNAME]  # EHLO again after STARTTLS
+
+
+def test_no_starttls_when_disabled_or_not_offered(reactor, run, sink):
+    with Sink(tls=True) as s:
+        d = deliverer(reactor, {"*": f"smtp:{s.address}"}, tls_client_context_factory=False)
+        assert run(d.deliver("Q12", "a@s.test", ["b@x.test"], MESSAGE))[0].status == SENT
+        assert s.messages[0].tls is False
+    assert run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver(
+        "Q13", "a@s.test", ["b@x.test"], MESSAGE))[0].status == SENT
+    assert sink.messages[0].tls is False
+
+
+def test_failed_tls_handshake_falls_back_to_clear_text(reactor, run, caplog):
+    from twisted.internet.ssl import optionsForClientTLS
+
+    with Sink(tls=True) as s, caplog.at_level(logging.INFO, logger="mailgate.delivery"):
+        # a verifying context cannot accept the sink's self-signed certificate
+        d = deliverer(reactor, {"*": f"smtp:{s.address}"}, tls_client_context_factory=optionsForClientTLS("sink.test"))
+        (o,) = run(d.deliver("Q15", "a@s.test", ["b@x.test"], MESSAGE))
+        assert o.status == SENT
+        assert [m.tls for m in s.messages] == [False]
+        assert s.helos == [HOSTNAME, HOSTNAME]  # the TLS connection, then the clear-text one
+    assert any("event=tls_failed retry=cleartext" in r.getMessage() for r in caplog.records)
+
+
+def test_recipients_grouped_per_route(reactor, run):
+    with Sink() as one, Sink() as two:
+        d = deliverer(reactor, {"one.test": f"smtp:{one.address}", ".two.test": f"smtp:{two.address}",
+                                "*": f"smtp:[127.0.0.1]:{closed_port()}"})
+        rcpts = ["a@one.test", "b@sub.two.test", "c@elsewhere.test", "d@ONE.test"]
+        outcomes = run(d.deliver("Q14", "s@s.test", rcpts, MESSAGE))
+        assert [o.recipient for o in outcomes] == rcpts
+        assert [o.status for o in outcomes] == [SENT, SENT, DEFERRED, SENT]
+        assert [m.rcpt_tos for m in one.messages] == [["a@one.test", "d@ONE.test"]]
+        assert [m.rcpt_tos for m in two.messages] == [["b@sub.two.test"]]
+
+
+def test_log_line_per_recipient(reactor, run, caplog):
+    with Sink(known_users={"ok@x.test"}) as s, caplog.at_level(logging.INFO, logger="mailgate.delivery"):
+        run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver(
+            "QLOG", "a@s.test", ["ok@x.test", "no@x.test"], MESSAGE))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailgate.delivery" and " to=" in r.getMessage()]
+    assert len(lines) == 2
+    sent = next(line for line in lines if "to=ok@x.test" in line)
+    bounced = next(line for line in lines if "to=no@x.test" in line)
+    assert sent.startswith("queue_id=QLOG to=ok@x.test ")
+    assert f"relay=127.0.0.1[127.0.0.1]:{s.port}" in sent and "status=sent code=250" in sent
+    assert " delay=" in sent
+    assert "status=bounced code=550" in bounced and 'reply="5.1.1 <no@x.test>' in bounced
+
+
+# -- MX routing (fake resolver object) -----------------------------------------------
+
+
+def test_mx_in_preference_order_next_mx_after_refusal(reactor, run):
+    port = free_port("127.0.0.3")
+    with Sink(host="127.0.0.3", port=port) as backup:
+        resolver = FakeResolver(
+            mx={"example.test": ["20 backup.example.test", "10 primary.example.test"]},
+            addresses={"primary.example.test": ["127.0.0.2"], "backup.example.test": ["127.0.0.3"]},
+        )
+        d = deliverer(reactor, {"*": "mx"}, resolver, smtp_port=port)  # nothing listens on 127.0.0.2
+        (o,) = run(d.deliver("Q20", "a@s.test", ["bob@example.test"], MESSAGE))
+        assert (o.status, o.relay) == (SENT, f"backup.example.test[127.0.0.3]:{port}")
+        assert backup.messages[0].rcpt_tos == ["bob@example.test"]
+        assert resolver.asked[0] == ("MX", "example.test")
+
+
+def test_next_mx_after_4xx_greeting(reactor, run):
+    port = free_port("127.0.0.2")
+    with Sink(host="127.0.0.2", port=port, greeting="421 4.3.2 busy, try later") as busy, \
+         Sink(host="127.0.0.3", port=port) as backup:
+        resolver = FakeResolver(mx={"example.test": ["10 mx1.example.test", "20 mx2.example.test"]},
+                                addresses={"mx1.example.test": ["127.0.0.2"], "mx2.example.test": ["127.0.0.3"]})
+        d = deliverer(reactor, {"*": "mx"}, resolver, smtp_port=port)
+        (o,) = run(d.deliver("Q21", "a@s.test", ["bob@example.test"], MESSAGE))
+        assert o.status == SENT and o.relay.startswith("mx2.example.test[127.0.0.3]")
+        assert busy.messages == [] and len(backup.messages) == 1
+
+
+def test_4xx_recipient_goes_on_to_next_mx_5xx_does_not(reactor, run):
+    port = free_port("127.0.0.2")
+    with Sink(host="127.0.0.2", port=port, rcpt_reply={"soft@example.test": "450 4.2.0 mailbox busy"},
+              known_users={"soft@example.test", "ok@example.test"}) as first, \
+         Sink(host="127.0.0.3", port=port) as second:
+        resolver = FakeResolver(mx={"example.test": ["10 mx1.example.test", "20 mx2.example.test"]},
+                                addresses={"mx1.example.test": ["127.0.0.2"], "mx2.example.test": ["127.0.0.3"]})
+        d = deliverer(reactor, {"*": "mx"}, resolver, smtp_port=port)
+        rcpts = ["ok@example.test", "soft@example.test", "hard@example.test"]
+        outcomes = run(d.deliver("Q22", "a@s.test", rcpts, MESSAGE))
+        assert [(o.status, o.relay.split("[")[0]) for o in outcomes] == [
+            (SENT, "mx1.example.test"), (SENT, "mx2.example.test"), (FAILED, "mx1.example.test")]
+        assert [m.rcpt_tos for m in first.messages] == [["ok@example.test"]]
+        assert [m.rcpt_tos for m in second.messages] == [["soft@example.test"]]
+
+
+def test_all_mx_down_is_deferred_with_last_reason(reactor, run):
+    port = free_port("127.0.0.2")
+    resolver = FakeResolver(mx={"example.test": ["10 mx1.example.test", "20 mx2.example.test"]},
+                            addresses={"mx1.example.test": ["127.0.0.2"], "mx2.example.test": ["127.0.0.3"]})
+    (o,) = run(deliverer(reactor, {"*": "mx"}, resolver, smtp_port=port).deliver(
+        "Q23", "a@s.test", ["bob@example.test"], MESSAGE))
+    assert (o.status, o.enhanced) == (DEFERRED, "4.4.1")
+    assert "mx2.example.test[127.0.0.3]" in o.reply
+
+
+def test_no_mx_falls_back_to_address_records(reactor, run, sink):
+    resolver = FakeResolver(addresses={"example.test": ["127.0.0.1"]})  # NOANSWER for MX
+    (o,) = run(deliverer(reactor, {"*": "mx"}, resolver, smtp_port=sink.port).deliver(
+        "Q24", "a@s.test", ["bob@example.test"], MESSAGE))
+    assert (o.status, o.relay) == (SENT, f"example.test[127.0.0.1]:{sink.port}")
+
+
+def test_dns_outcomes(reactor, run):
+    resolver = FakeResolver(mx={"slow.test": TIMEOUT, "nomail.test": ["0 ."]},
+                            addresses={"noaddr.test": []})
+    d = deliverer(reactor, {"*": "mx"}, resolver)
+    outcomes = run(d.deliver("Q25", "a@s.test", ["a@missing.test", "b@slow.test", "c@nomail.test"], MESSAGE))
+    assert [(o.status, o.enhanced) for o in outcomes] == [(FAILED, "5.1.2"), (DEFERRED, "4.4.3"), (FAILED, "5.1.10")]
+    assert all(not o.remote for o in outcomes)
+
+
+def test_mx_pointing_at_ourselves_is_not_used(reactor, run):
+    resolver = FakeResolver(mx={"example.test": [f"10 {HOSTNAME}"]}, addresses={HOSTNAME: ["127.0.0.1"]})
+    (o,) = run(deliverer(reactor, {"*": "mx"}, resolver).deliver("Q26", "a@s.test", ["b@example.test"], MESSAGE))
+    assert (o.status, o.enhanced) == (FAILED, "5.4.6")
+
+
+def test_smtp_route_without_brackets_looks_up_mx_of_the_host(reactor, run, sink):
+    resolver = FakeResolver(mx={"relay.corp.test": ["10 exchange.corp.test"]},
+                            addresses={"exchange.corp.test": ["127.0.0.1"]})
+    d = deliverer(reactor, {"*": f"smtp:relay.corp.test:{sink.port}"}, resolver)
+    (o,) = run(d.deliver("Q27", "a@s.test", ["bob@anything.test"], MESSAGE))
+    assert (o.status, o.relay) == (SENT, f"exchange.corp.test[127.0.0.1]:{sink.port}")
+    assert ("MX", "relay.corp.test") in resolver.asked and ("MX", "anything.test") not in resolver.asked
+
+
+def test_bracketed_route_name_resolves_address_without_mx(reactor, run, sink):
+    resolver = FakeResolver(addresses={"exchange.corp.test": ["127.0.0.1"]})
+    (o,) = run(deliverer(reactor, {"*": f"smtp:[exchange.corp.test]:{sink.port}"}, resolver).deliver(
+        "Q28", "a@s.test", ["bob@x.test"], MESSAGE))
+    assert o.status == SENT
+    assert all(kind == "A" for kind, _ in resolver.asked)
+
+
+# -- Maildir ----------------------------------------------------------------------------
+
+
+def test_local_route_delivers_into_maildir(reactor, run, run_in_thread, tmp_path):
+    box = tmp_path / "mail"
+    d = deliverer(reactor, {"*": f"local:{box}"}, run_in_thread=run_in_thread)
+    outcomes = run(d.deliver("Q30", "alice@sender.test", ["bob@example.test", "carol@example.test"], MESSAGE))
+    assert [o.status for o in outcomes] == [SENT, SENT]
+    files = sorted(glob.glob(str(box / "new" / "*")))
+    assert len(files) == 2
+    texts = [open(f, "rb").read() for f in files]
+    assert {t.split(b"\n")[1] for t in texts} == {b"Delivered-To: bob@example.test", b"Delivered-To: carol@example.test"}
+    assert all(t.startswith(b"Return-Path: <alice@sender.test>\n") for t in texts)
+    assert all(t.endswith(MESSAGE.replace(b"\r\n", b"\n")) for t in texts)
+
+
+def test_unwritable_maildir_is_deferred(reactor, run, run_in_thread, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    d = deliverer(reactor, {"*": f"local:{blocker}/box"}, run_in_thread=run_in_thread)
+    (o,) = run(d.deliver("Q31", "a@s.test", ["b@x.test"], MESSAGE))
+    assert (o.status, o.code) == (DEFERRED, 451)
+    assert "cannot create Maildir" in o.reply
+
+
+# -- postfix smtp-sink ---------------------------------------------------------------------
+
+
+class SmtpSink:
+    """postfix's smtp-sink on loopback, dumping each transaction into a directory."""
+
+    def __init__(self, *options: str):
+        self.program = require_program("smtp-sink")
+        self.port = free_port()
+        # runs as nobody when we are root: its dump directory must be reachable
+        self.dir = tempfile.mkdtemp(prefix="mailgate-smtp-sink-")
+        os.chmod(self.dir, 0o777)
+        cmd = [self.program, "-d", f"{self.dir}/%H%M%S.", *options]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]
+        cmd += [f"127.0.0.1:{self.port}", "64"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("smtp-sink did not start")
+                time.sleep(0.02)
+
+    def dumps(self) -> list[bytes]:
+        return [open(p, "rb").read() for p in sorted(glob.glob(f"{self.dir}/*"))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def smtp_sink():
+    started = []
+
+    def start(*options):
+        s = SmtpSink(*options)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def test_delivers_to_postfix_smtp_sink(reactor, run, smtp_sink):
+    s = smtp_sink()
+    outcomes = run(deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{s.port}"}).deliver(
+        "Q40", "", ["bob@example.test", "carol@example.test"], MESSAGE))
+    assert [o.status for o in outcomes] == [SENT, SENT]
+    deadline = time.monotonic() + 5
+    while not s.dumps() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (dump,) = s.dumps()
+    assert b"X-Mail-Args: <>" in dump.replace(b"\r\n", b"\n")
+    assert b"X-Rcpt-Args: <bob@example.test>" in dump and b"X-Rcpt-Args: <carol@example.test>" in dump
+    # the dump is the envelope as X- headers, the message, and an empty line
+    assert dump.replace(b"\r\n", b"\n").endswith(b"\n" + MESSAGE.replace(b"\r\n", b"\n") + b"\n")
+
+
+def test_smtp_sink_refusing_helo_and_ehlo_fails_without_looping(reactor, run, smtp_sink):
+    s = smtp_sink("-f", "EHLO,HELO")
+    (o,) = run(deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{s.port}"}).deliver("Q41", "a@s.test", ["b@x.test"], MESSAGE),
+               timeout=10)
+    assert (o.status, o.code) == (FAILED, 500)
+
+
+def test_smtp_sink_dropping_the_connection_after_data_is_deferred(reactor, run, smtp_sink):
+    s = smtp_sink("-q", ".")
+    (o,) = run(deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{s.port}"}).deliver("Q42", "a@s.test", ["b@x.test"], MESSAGE))
+    assert (o.status, o.enhanced) == (DEFERRED, "4.4.2")
+    assert "lost connection" in o.reply
+
+
+def test_smtp_sink_soft_reject_at_rcpt(reactor, run, smtp_sink):
+    s = smtp_sink("-r", "RCPT")
+    (o,) = run(deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{s.port}"}).deliver("Q43", "a@s.test", ["b@x.test"], MESSAGE))
+    assert (o.status, o.code, o.enhanced) == (DEFERRED, 450, "4.3.0")
+
+
+# -- real DNS (dnsmasq on loopback) ------------------------------------------------------
+
+
+def test_mx_route_through_real_dns(reactor, run, dns_servers):  # noqa: F811
+    port = free_port("127.0.0.2")
+    records = (Records(ttl=60)
+               .mx("example.test", "mx1.example.test", 10)
+               .mx("example.test", "mx2.example.test", 20)
+               .a("mx1.example.test", "127.0.0.4")  # nothing listens there
+               .a("mx2.example.test", "127.0.0.2")
+               .a("plain.test", "127.0.0.2"))
+    dns = dns_servers.dnsmasq(records)
+    resolver = Resolver([HostPort(dns.host, dns.port)], timeout=2.0)
+    with Sink(host="127.0.0.2", port=port) as s:
+        d = deliverer(reactor, {"*": "mx"}, resolver, smtp_port=port)
+        outcomes = run(d.deliver("Q50", "a@s.test", ["bob@example.test", "x@nowhere.test", "y@plain.test"], MESSAGE))
+        assert [(o.status, o.relay.split(":")[0]) for o in outcomes] == [
+            (SENT, "mx2.example.test[127.0.0.2]"), (FAILED, ""), (SENT, "plain.test[127.0.0.2]")]
+        assert outcomes[1].enhanced == "5.1.2"
+        assert sorted(r for m in s.messages for r in m.rcpt_tos) == ["bob@example.test", "y@plain.test"]
