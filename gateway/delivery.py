@@ -95,14 +95,21 @@ class Outcome:
     @property
     def enhanced(self) -> str:
         """The RFC 3463 status: from the reply when it has one, else from the code class."""
-        m = _ENHANCED.match(self.reply)
-        if m and (not self.code or str(self.code)[0] == m.group(1)):
-            return m.group(0)
-        if 200 <= self.code < 300:
-            return "2.0.0"
-        if 400 <= self.code < 500 or self.status == DEFERRED:
-            return "4.0.0"
-        return "5.0.0"
+        return enhanced_status(self.code, self.reply, self.status)
+
+
+def enhanced_status(code: int, reply: str, status: str = "") -> str:
+    """``"5.1.1"`` from ``"5.1.1 user unknown"``; when the reply has none, the
+    class of the code decides.  A failed recipient with a transient code ran
+    out of queue lifetime: 4.4.7 (delivery time expired)."""
+    m = _ENHANCED.match(reply or "")
+    if m and (not code or str(code)[0] == m.group(1)):
+        return m.group(0)
+    if 200 <= code < 300:
+        return "2.0.0"
+    if 400 <= code < 500 or (status == DEFERRED and not code):
+        return "4.4.7" if status == FAILED else "4.0.0"
+    return "5.0.0"
 
 
 def classify(code: int) -> str:

@@ -24,14 +24,14 @@ from email.mime.nonmultipart import MIMENonMultipart
 from email.mime.text import MIMEText
 from typing import Iterable, Optional, Union
 
-from gateway.delivery import Outcome
+from gateway.delivery import FAILED, Outcome, enhanced_status
 
 BOUNCE_SENDER = ""  # the envelope sender of every bounce: the null sender
 
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
 _DAEMONS = {"mailer-daemon", "mailer_daemon", "mail-daemon"}
 
-DateLike = Union[datetime.datetime, float, int]
+DateLike = Union[datetime.datetime, float, int, str]
 
 
 def should_bounce(sender: str) -> bool:
@@ -46,6 +46,11 @@ def should_bounce(sender: str) -> bool:
 def _when(value: Optional[DateLike]) -> datetime.datetime:
     if value is None:
         return datetime.datetime.now(datetime.timezone.utc)
+    if isinstance(value, str):  # an RFC 5322 date, as email.utils.formatdate writes it
+        try:
+            value = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"not an RFC 5322 date: {value!r}") from None
     if isinstance(value, datetime.datetime):
         return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
     return datetime.datetime.fromtimestamp(float(value), datetime.timezone.utc)
@@ -70,8 +75,20 @@ def _fields(*pairs: tuple[str, str]) -> Message:
     return block
 
 
-def _diagnostic(outcome: Outcome) -> str:
-    if outcome.remote:
+# Outcomes are read by attribute: anything shaped like delivery.Outcome will do
+# (recipient, code, reply; relay and remote when a remote server answered).
+
+
+def _remote(outcome) -> bool:
+    return bool(getattr(outcome, "remote", False))
+
+
+def _status(outcome) -> str:
+    return enhanced_status(outcome.code or 0, outcome.reply or "", getattr(outcome, "status", FAILED))
+
+
+def _diagnostic(outcome) -> str:
+    if _remote(outcome):
         return f"smtp; {outcome.code} {outcome.reply}"
     return f"x-mailgate; {outcome.reply}"
 
@@ -90,7 +107,7 @@ def _human_text(reporting_mta: str, failed: list[Outcome]) -> str:
         "",
     ]
     for o in failed:
-        if o.remote:
+        if _remote(o):
             lines.append(f"<{o.recipient}>: host {o.relay} said: {o.code} {o.reply}")
         else:
             lines.append(f"<{o.recipient}>: {o.reply}")
@@ -140,10 +157,11 @@ def make_bounce(
         pairs = [
             ("Final-Recipient", f"rfc822; {o.recipient}"),
             ("Action", "failed"),
-            ("Status", o.enhanced),
+            ("Status", _status(o)),
         ]
-        if o.remote and o.relay:
-            pairs.append(("Remote-MTA", f"dns; {o.relay.split('[', 1)[0]}"))
+        relay = getattr(o, "relay", "")
+        if _remote(o) and relay:
+            pairs.append(("Remote-MTA", f"dns; {relay.split('[', 1)[0]}"))
         pairs += [("Diagnostic-Code", _diagnostic(o)), ("Last-Attempt-Date", email.utils.format_datetime(sent_at))]
         blocks.append(_fields(*pairs))
     status.set_payload(blocks)

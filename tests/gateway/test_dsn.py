@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import email
+import email.utils
 import email.policy
 
 import pytest
@@ -119,3 +120,28 @@ def test_no_bounce_for_the_null_sender_or_without_failures():
         bounce(original_sender="MAILER-DAEMON@x.test")
     with pytest.raises(ValueError):
         bounce(failed=[])
+
+
+class ExpiredLike:
+    """What a queue manager hands in when the queue lifetime ran out: only
+    recipient, status, code and reply."""
+
+    status = "failed"
+
+    def __init__(self, recipient, code, reply):
+        self.recipient, self.code, self.reply = recipient, code, reply
+
+
+def test_expired_recipient_and_rfc5322_arrival_string():
+    expired = ExpiredLike("late@x.test", 451, "delivery time expired after 9 attempts; last error: 4.4.1 refused")
+    raw = bounce(failed=[expired], arrival_date=email.utils.format_datetime(ARRIVAL))
+    _, status, _ = parsed(raw).iter_parts()
+    per_message, block = status.get_payload()
+    assert email.utils.parsedate_to_datetime(per_message["Arrival-Date"]) == ARRIVAL
+    assert (block["Final-Recipient"], block["Status"]) == ("rfc822; late@x.test", "4.4.7")
+    assert block["Diagnostic-Code"] == "x-mailgate; delivery time expired after 9 attempts; last error: 4.4.1 refused"
+
+
+def test_bad_arrival_date_is_a_clear_error():
+    with pytest.raises(ValueError, match="not an RFC 5322 date"):
+        bounce(arrival_date="yesterday-ish")
