@@ -462,3 +462,35 @@ def udp_port_is_free(port: int, host: str = LOOPBACK) -> bool:
         except OSError:
             return False
     return True
+
+
+def envelope_records(ttl: int = 60) -> Records:
+    """Test domains for envelope checks (sender domains, PTR/FCrDNS, HELO names).
+
+    - sender.test: MX mx1.sender.test (192.0.2.30, whose PTR points back: FCrDNS ok);
+      also A 192.0.2.30 and TXT SPF.
+    - aonly.test: A only; v6only.test: AAAA only; nomx.test: a TXT record and nothing
+      else (exists, no MX/A/AAAA); nullmx.test: null MX (RFC 7505); ghost.test: NXDOMAIN.
+    - 192.0.2.40: PTR unrelated.other.test, whose A is 192.0.2.41 (FCrDNS mismatch).
+    - 192.0.2.66 and 198.51.100.0/24: no PTR.
+    - 2001:db8::30: PTR v6host.sender.test with AAAA 2001:db8::30.
+    - example.test: MX mail.example.test (192.0.2.25), the gateway's own domain.
+    """
+    return (
+        Records(ttl)
+        .mx("example.test", "mail.example.test", 10)
+        .a("mail.example.test", "192.0.2.25")
+        .mx("sender.test", "mx1.sender.test", 10)
+        .a("mx1.sender.test", "192.0.2.30")
+        .a("sender.test", "192.0.2.30")
+        .txt("sender.test", "v=spf1 ip4:192.0.2.30 -all")
+        .a("aonly.test", "192.0.2.31")
+        .aaaa("v6only.test", "2001:db8::31")
+        .txt("nomx.test", "exists but takes no mail")
+        .mx("nullmx.test", ".", 0)
+        .ptr("192.0.2.40", "unrelated.other.test")
+        .a("unrelated.other.test", "192.0.2.41")
+        .ptr("192.0.2.41", "unrelated.other.test")
+        .aaaa("v6host.sender.test", "2001:db8::30")
+        .local("ghost.test")
+    )

@@ -1,0 +1,108 @@
+"""DNSBL / DNSWL: the client address looked up in any number of IP lists.
+
+``dnsbl`` (MAIL stage) adds each listing's score: the zone's symbol, or the
+sub-symbol its return code (``codes``) or bits (``bits``) map to.  Zones with
+a negative score are allow lists (DNSWL).  All zones are asked at once and
+the whole lookup is bounded by ``[rbl] timeout``; a zone that times out,
+fails, or answers with an error code (127.255.255.x) or outside its
+``answers`` networks is ``Failed`` (no points, never a listing).
+
+``dnsbl_reject`` (RCPT stage) refuses each recipient (554 5.7.1 naming the
+zones) when the client is listed on at least ``reject_count`` zones that
+have a positive score and ``reject = true``, unless a DNSWL zone lists it
+too or ``[lists]`` allows the client, sender or recipient; postscreen's
+"reject when listed on N lists".  It asks the same questions again, which
+the resolver's cache answers.
+
+Neither applies to trusted networks or authenticated sessions
+(``session.may_relay``); that is why the scores come at MAIL, once the
+client had its chance to authenticate.  IPv6 clients are looked up in
+nibble form (zones with ``ipv6 = false`` skip them).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from gateway.config import Section
+from gateway.plugins import Check
+from gateway.records import Result, Stage
+from rules._dnslists import Listing, Zone, ZoneSettings, flatten, query_zones, reversed_ip
+from rules.lists import access_lists
+
+
+class RblSettings(Section):
+    zones: list[ZoneSettings] = Field(default_factory=list)
+    # refuse at RCPT when listed on this many zones; 0 = never
+    reject_count: int = Field(0, ge=0)
+    # total time for all zones of one client, seconds
+    timeout: float = Field(5.0, gt=0, le=60)
+
+
+def build_zones(settings: RblSettings) -> list[Zone]:
+    return [Zone.build(z, "RBL_", "127.0.0.0/24") for z in settings.zones]
+
+
+def jobs_for(zones: list[Zone], ip) -> list[tuple[Zone, str]]:
+    name = reversed_ip(ip)
+    return [(z, name) for z in zones if ip.version == 4 or z.ipv6]
+
+
+class Dnsbl(Check):
+    name = "dnsbl"
+    stage = Stage.MAIL
+    priority = 20
+
+    def __init__(self, resolver, zones: list[Zone], timeout: float):
+        self.resolver = resolver
+        self.zones = zones
+        self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, config, services):
+        s = config.rbl
+        if not s.zones:
+            return None
+        return cls(services.resolver, build_zones(s), s.timeout)
+
+    async def check(self, txn):
+        if txn.session.may_relay:
+            return []
+        outcomes = await query_zones(self.resolver, jobs_for(self.zones, txn.session.ip), self.name, self.timeout)
+        return flatten(outcomes)
+
+
+class DnsblReject(Check):
+    name = "dnsbl_reject"
+    stage = Stage.RCPT
+    priority = 20
+
+    def __init__(self, resolver, zones: list[Zone], timeout: float, reject_count: int, lists=None):
+        self.resolver = resolver
+        self.zones = [z for z in zones if (z.reject and z.score > 0) or z.is_allow_list]
+        self.timeout = timeout
+        self.reject_count = reject_count
+        self.lists = lists
+
+    @classmethod
+    def from_config(cls, config, services):
+        s = config.rbl
+        if not s.zones or s.reject_count <= 0:
+            return None
+        return cls(services.resolver, build_zones(s), s.timeout, s.reject_count, access_lists(config, services))
+
+    async def check(self, txn):
+        if txn.session.may_relay or (self.lists is not None and self.lists.allowed(txn)):
+            return []
+        outcomes = await query_zones(self.resolver, jobs_for(self.zones, txn.session.ip), self.name, self.timeout)
+        listings = [o for o in outcomes if isinstance(o, Listing)]
+        if any(li.zone.is_allow_list for li in listings):
+            return []
+        blocking = [li.zone.name for li in listings if any(r.score > 0 for r in li.results)]
+        if len(blocking) >= self.reject_count:
+            return [Result("RBL_REJECT", 0.0, ", ".join(blocking), refuse="rbl")]
+        return []
+
+
+CHECKS = (Dnsbl, DnsblReject)
+SECTIONS = {"rbl": RblSettings}
