@@ -1,0 +1,131 @@
+"""End to end through `mailgate run`: real clamd (our signature database),
+the gateway as a subprocess, a real downstream sink.  Viruses and banned
+attachments are refused in the SMTP session and never delivered; a scanner
+that is down or hangs makes the sender retry (451)."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import time
+
+import pytest
+
+from scanners.base import EICAR
+from tests.scanners.conftest import FAKES
+from tests.scanners.test_banned import PE
+from tests.scanners.test_clamd import mime_with_attachment, zipped
+from tests.support.clamd import MARKER, MARKER_NAME, start_clamd
+from tests.support.programs import require_program
+
+SENDER = "alice@sender.test"
+RCPT = "bob@example.test"
+
+
+def clamd_toml(socket_path: str, timeout: float = 10, av: str = "") -> str:
+    return (f'[[scanners]]\ntype = "clamd"\nsocket = "{socket_path}"\ntimeout = {timeout}\n'
+            f"[av]\nself_test_interval = 0\n{av}")
+
+
+def text_message(subject: str, body: bytes) -> bytes:
+    return (f"From: {SENDER}\r\nTo: {RCPT}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@sender.test>\r\n\r\n"
+            .encode() + body + b"\r\n")
+
+
+def send(gw, data: bytes) -> tuple[int, str]:
+    """(code, text) of the reply to the end of DATA."""
+    with gw.smtp(timeout=60) as client:
+        client.ehlo("client.sender.test")
+        try:
+            client.sendmail(SENDER, [RCPT], data)
+        except smtplib.SMTPDataError as e:
+            return e.smtp_code, e.smtp_error.decode(errors="replace")
+    return 250, ""
+
+
+def delivered_subjects(sink) -> list[str]:
+    import email
+
+    return [email.message_from_bytes(m.data)["Subject"] for m in sink.messages]
+
+
+def test_viruses_refused_with_554_570_and_never_delivered(mailgate, sink, clamd_server):
+    gw = mailgate(clamd_toml(clamd_server.socket_path))
+    cases = {
+        "plain": text_message("plain", EICAR),
+        "base64": mime_with_attachment("eicar.com", EICAR),
+        "zip": mime_with_attachment("files.zip", zipped("docs/eicar.com", EICAR)),
+    }
+    for label, data in cases.items():
+        code, text = send(gw, data)
+        assert code == 554, (label, code, text)
+        assert text.startswith("5.7.0") and "EICAR" in text.upper(), (label, text)
+    code, text = send(gw, text_message("custom", b"hello " + MARKER))
+    assert (code, text) == (554, f"5.7.0 Message contains a virus: {MARKER_NAME}")
+    # a clean message afterwards is the only thing that arrives
+    assert send(gw, text_message("clean", b"nothing to see")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    time.sleep(0.2)
+    assert delivered_subjects(sink) == ["clean"]
+
+
+def test_clean_mail_delivered_with_x_virus_scanned(mailgate, sink, clamd_server):
+    gw = mailgate(clamd_toml(clamd_server.socket_path))
+    forged = b"X-Virus-Scanned: clean by the sender, trust me\r\n"
+    assert send(gw, forged + text_message("hello", b"a clean note")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    data = sink.messages[0].data
+    assert b"X-Virus-Scanned: MailGate (clamd)" in data
+    assert b"trust me" not in data
+
+
+def test_banned_exe_refused_with_554_571(mailgate, sink, clamd_server):
+    gw = mailgate(clamd_toml(clamd_server.socket_path))
+    code, text = send(gw, mime_with_attachment("invoice.pdf.exe", PE))
+    assert code == 554 and text.startswith("5.7.1") and "invoice.pdf.exe" in text
+    assert send(gw, text_message("after", b"clean")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    assert delivered_subjects(sink) == ["after"]
+
+
+def test_clamd_down_tempfails_then_the_retry_goes_through(mailgate, sink, tmp_path):
+    clamd = start_clamd(str(tmp_path / "clamd"), require_program("clamd"))
+    try:
+        gw = mailgate(clamd_toml(clamd.socket_path, timeout=5))
+        message = text_message("retried", b"please scan me")
+        clamd.stop()
+        code, text = send(gw, message)
+        assert code == 451 and text.startswith("4.3.0"), (code, text)
+        time.sleep(0.5)
+        assert sink.messages == []
+        clamd.start()
+        assert send(gw, message) == (250, "")
+        sink.wait_for(1, timeout=20)
+        assert delivered_subjects(sink) == ["retried"]
+        assert b"X-Virus-Scanned: MailGate (clamd)" in sink.messages[0].data
+    finally:
+        clamd.stop()
+
+
+def test_hanging_scanner_tempfails_within_its_timeout(mailgate, sink, silent_unix):
+    gw = mailgate(clamd_toml(silent_unix, timeout=2))
+    started = time.monotonic()
+    code, text = send(gw, text_message("stuck", b"anyone there?"))
+    assert code == 451 and "timed out after 2s" in text, (code, text)
+    # the client's own patience (60 s) is far away: the gateway answered on its own
+    assert time.monotonic() - started < 30
+    time.sleep(0.5)
+    assert sink.messages == []
+
+
+def test_hanging_command_scanner_accept_tagged(mailgate, sink, fake_bin):
+    # a command-line engine that hangs, with a site that prefers delivery:
+    # the message goes through and says it was not scanned
+    gw = mailgate(f'[[scanners]]\ntype = "command"\nprofile = "sophos-savscan"\n'
+                  f'command = "{fake_bin / "sophos-savscan"}"\ntimeout = 2\n'
+                  '[av]\non_error = "accept-tagged"\nself_test_interval = 0\n')
+    assert send(gw, text_message("tagged", b"FAKE-AV-TRIGGER-HANG")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    data = sink.messages[0].data
+    # the reactor's deadline or the killed child, whichever is noticed first
+    assert b"X-Virus-Scanned: unscanned (sophos-savscan: " in data and b" 2s)" in data
