@@ -71,6 +71,7 @@ DEFERRED = "deferred"
 FAILED = "failed"
 
 MAX_ADDRESSES = 5  # next-hop addresses tried per group and attempt
+WIRE_FORM_IN_THREAD = 256 * 1024  # bytes; above this the CRLF/dot pass leaves the reactor
 DEFAULT_COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: minutes, not seconds
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -164,8 +165,15 @@ def _is_ip(host: str) -> bool:
 
 def wire_form(data: bytes) -> bytes:
     """CRLF line ends and dot-stuffing (RFC 5321 4.5.2), done once per message."""
-    data = re.sub(rb"\r?\n", b"\r\n", data)
-    return re.sub(rb"(?m)^\.", b"..", data)
+    # bytes.count/replace rather than regular expressions: this runs on the
+    # reactor, and a 10 MB message must not stall it
+    if data.count(b"\n") != data.count(b"\r\n"):
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data
 
 
 def _text(resp) -> str:
@@ -403,7 +411,14 @@ class Deliverer:
         ``arrival`` (epoch seconds) makes ``delay=`` in the log the time since
         the message arrived; without it, the time this attempt took.
         """
-        return defer.Deferred.fromCoroutine(self._deliver(queue_id, sender, list(recipients), data, arrival))
+        return defer.Deferred.fromCoroutine(self._deliver_safely(queue_id, sender, list(recipients), data, arrival))
+
+    async def _deliver_safely(self, queue_id, sender, recipients, data, arrival) -> list[Outcome]:
+        try:
+            return await self._deliver(queue_id, sender, recipients, data, arrival)
+        except Exception as e:  # a bug must defer the mail, never lose it or stall the queue
+            log.exception("queue_id=%s internal error in delivery", queue_id)
+            return [Outcome(r, DEFERRED, 451, f"4.3.0 internal error: {e}") for r in recipients]
 
     async def _deliver(self, queue_id, sender, recipients, data, arrival) -> list[Outcome]:
         started = arrival if arrival is not None else self._clock()
@@ -414,7 +429,11 @@ class Deliverer:
             key = (route, domain if route.kind == "mx" else "")
             if rcpt not in groups.setdefault(key, []):
                 groups[key].append(rcpt)
-        message = _Message(sender, data)
+        if len(data) > WIRE_FORM_IN_THREAD:
+            wire = await self.run_in_thread(wire_form, data)
+        else:
+            wire = wire_form(data)
+        message = _Message(sender, data, wire)
         ds = [defer.Deferred.fromCoroutine(self._deliver_group(queue_id, route, domain, rcpts, message))
               for (route, domain), rcpts in groups.items()]
         results = await defer.gatherResults(ds, consumeErrors=True)
@@ -455,9 +474,11 @@ class Deliverer:
                 log.info('queue_id=%s relay=%s event=session_failed code=%s reply="%s"',
                          queue_id, hop, session.problem.code, _quote(session.problem.reply))
                 for r in pending:
-                    last[r] = session.problem.outcome(r)
-                # a 5xx greeting or EHLO refusal is that host's problem: the next MX may take it
-                continue
+                    # a host refusing service (5xx greeting or EHLO) does not
+                    # bounce mail another host only asked us to retry
+                    if not (session.problem.status == FAILED and r in last and last[r].status == DEFERRED):
+                        last[r] = session.problem.outcome(r)
+                continue  # that host's problem: the next MX may take it
             for r in pending:
                 outcome = session.outcomes[r]
                 if outcome.status == DEFERRED and not is_last_hop:
@@ -559,8 +580,8 @@ def _quote(text: str) -> str:
 class _Message:
     """The bytes of one message in the two forms delivery needs, made once."""
 
-    def __init__(self, sender: str, data: bytes):
+    def __init__(self, sender: str, data: bytes, wire: bytes):
         self.sender = sender
         self.data = data
-        self.wire = wire_form(data)
-        self.eight_bit = any(b > 127 for b in data)
+        self.wire = wire
+        self.eight_bit = not data.isascii()

@@ -129,6 +129,17 @@ def closed_port(host: str = "127.0.0.1") -> int:
     return free_port(host)
 
 
+@pytest.mark.parametrize("data,wire", [
+    (b"", b""),
+    (b".", b".."),
+    (b"a\n.b\r\n..c\n", b"a\r\n..b\r\n...c\r\n"),
+    (b"x\r\n.\r\n", b"x\r\n..\r\n"),
+    (b"bare\rcr\n.", b"bare\rcr\r\n.."),
+])
+def test_wire_form_crlf_and_dot_stuffing(data, wire):
+    assert wire_form(data) == wire
+
+
 # -- plain SMTP delivery to the aiosmtpd sink ------------------------------------------
 
 
@@ -155,6 +166,22 @@ def test_bare_lf_becomes_crlf_and_8bit_is_declared(reactor, run, sink):
     assert outcomes[0].status == SENT
     assert sink.messages[0].data == data.replace(b"\n", b"\r\n")
     assert "BODY=8BITMIME" in sink.messages[0].mail_options
+
+
+def test_large_message_prepared_off_the_reactor(reactor, run, run_in_thread, sink):
+    body = b"".join(b"%06d ....:....1....:....2....:....3....:....4....:....5....:....6\n" % i for i in range(8000))
+    data = b"Subject: big\n\n" + body + b".\n"
+    calls = []
+
+    def counting(f, *a, **kw):
+        calls.append(f.__name__)
+        return run_in_thread(f, *a, **kw)
+
+    d = deliverer(reactor, {"*": f"smtp:{sink.address}"}, run_in_thread=counting)
+    (o,) = run(d.deliver("Q2B", "a@s.test", ["b@x.test"], data))
+    assert o.status == SENT
+    assert calls == ["wire_form"]
+    assert sink.messages[0].data == data.replace(b"\n", b"\r\n")
 
 
 def test_null_sender_is_mail_from_empty(reactor, run, sink):
@@ -254,6 +281,13 @@ def test_failed_tls_handshake_falls_back_to_clear_text(reactor, run, caplog):
     assert any("event=tls_failed retry=cleartext" in r.getMessage() for r in caplog.records)
 
 
+def test_refused_starttls_falls_back_to_clear_text(reactor, run):
+    with Sink(tls=True, starttls_reply="454 4.7.0 TLS not available due to local problem") as s:
+        (o,) = run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver("Q16", "a@s.test", ["b@x.test"], MESSAGE))
+        assert o.status == SENT
+        assert [m.tls for m in s.messages] == [False]
+
+
 def test_recipients_grouped_per_route(reactor, run):
     with Sink() as one, Sink() as two:
         d = deliverer(reactor, {"one.test": f"smtp:{one.address}", ".two.test": f"smtp:{two.address}",
@@ -323,6 +357,20 @@ def test_4xx_recipient_goes_on_to_next_mx_5xx_does_not(reactor, run):
             (SENT, "mx1.example.test"), (SENT, "mx2.example.test"), (FAILED, "mx1.example.test")]
         assert [m.rcpt_tos for m in first.messages] == [["ok@example.test"]]
         assert [m.rcpt_tos for m in second.messages] == [["soft@example.test"]]
+
+
+def test_5xx_greeting_after_a_soft_refusal_does_not_bounce(reactor, run):
+    port = free_port("127.0.0.2")
+    resolver = FakeResolver(mx={"example.test": ["10 mx1.example.test", "20 mx2.example.test"],
+                                "blocked.test": ["10 mx2.example.test"]},
+                            addresses={"mx1.example.test": ["127.0.0.2"], "mx2.example.test": ["127.0.0.3"]})
+    with Sink(host="127.0.0.2", port=port, rcpt_reply="450 4.2.0 mailbox busy"), \
+         Sink(host="127.0.0.3", port=port, greeting="554 5.7.1 you are blocked"):
+        d = deliverer(reactor, {"*": "mx"}, resolver, smtp_port=port)
+        soft, blocked = run(d.deliver("Q29", "a@s.test", ["bob@example.test", "eve@blocked.test"], MESSAGE))
+    assert (soft.status, soft.code, soft.relay.split("[")[0]) == (DEFERRED, 450, "mx1.example.test")
+    # the only host refusing service at the greeting is final
+    assert (blocked.status, blocked.code, blocked.enhanced) == (FAILED, 554, "5.7.1")
 
 
 def test_all_mx_down_is_deferred_with_last_reason(reactor, run):

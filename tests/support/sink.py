@@ -15,7 +15,8 @@ Behaviour is configurable per sink:
   busy"``); the sink then answers nothing but QUIT properly, as a real server
   that refuses service would.
 - ``tls=True``: offer STARTTLS with a self-signed certificate made at start
-  (an EC key through the ``cryptography`` package, in a temp dir).
+  (an EC key through the ``cryptography`` package, in a temp dir);
+  ``starttls_reply`` (``"454 4.7.0 TLS not available"``) then refuses it.
 
 What arrived is in ``messages`` (``Received`` objects) with ``.data`` exactly
 as received after dot-unstuffing: CRLF line ends, nothing added.
@@ -149,10 +150,17 @@ class _Handler:
 class _SinkSMTP(SMTP):
     """aiosmtpd's server with an optional replacement greeting."""
 
-    def __init__(self, *args, greeting: Optional[str] = None, **kwargs):
+    def __init__(self, *args, greeting: Optional[str] = None, starttls_reply: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._greeting = greeting
+        self._starttls_reply = starttls_reply
         self._greeted = False
+
+    async def smtp_STARTTLS(self, arg: str):
+        if self._starttls_reply:
+            await super().push(self._starttls_reply)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def push(self, status: str) -> None:
         if not self._greeted:
@@ -175,12 +183,13 @@ class _SinkSMTP(SMTP):
 
 
 class _Controller(Controller):
-    def __init__(self, handler, greeting_of, **kwargs):
+    def __init__(self, handler, sink: "Sink", **kwargs):
         super().__init__(handler, **kwargs)
-        self._greeting_of = greeting_of
+        self._sink = sink
 
     def factory(self):
-        return _SinkSMTP(self.handler, greeting=self._greeting_of(), **self.SMTP_kwargs)
+        return _SinkSMTP(self.handler, greeting=self._sink.greeting, starttls_reply=self._sink.starttls_reply,
+                         **self.SMTP_kwargs)
 
 
 class Sink:
@@ -197,6 +206,7 @@ class Sink:
         data_reply: Optional[str] = None,
         greeting: Optional[str] = None,
         tls: bool = False,
+        starttls_reply: Optional[str] = None,
         hostname: str = "sink.test",
     ):
         self.host = host
@@ -207,6 +217,7 @@ class Sink:
         self.data_reply = data_reply
         self.greeting = greeting
         self.tls = tls
+        self.starttls_reply = starttls_reply
         self.hostname = hostname
         self.messages: list[Received] = []
         self.helos: list[str] = []  # every HELO/EHLO name, in order
@@ -237,7 +248,7 @@ class Sink:
             kwargs.update(tls_context=context, require_starttls=False)
         self._controller = _Controller(
             _Handler(self),
-            lambda: self.greeting,
+            self,
             hostname=self.host,
             port=self.port,
             server_hostname=self.hostname,
