@@ -129,3 +129,33 @@ def test_hanging_command_scanner_accept_tagged(mailgate, sink, fake_bin):
     data = sink.messages[0].data
     # the reactor's deadline or the killed child, whichever is noticed first
     assert b"X-Virus-Scanned: unscanned (sophos-savscan: " in data and b" 2s)" in data
+
+
+def test_three_real_engines_in_parallel(mailgate, sink, clamd_server, icap_server):
+    from scanners.command import BUILTIN_PROFILES
+
+    clamscan = require_program("clamscan")
+    args = ", ".join(f'"{a}"' for a in ("-d", clamd_server.db_dir, *BUILTIN_PROFILES["clamscan"].args))
+    gw = mailgate(
+        f'[[scanners]]\ntype = "clamd"\naddress = "127.0.0.1:{clamd_server.port}"\n'
+        f'[[scanners]]\ntype = "command"\nprofile = "clamscan"\ncommand = "{clamscan}"\nargs = [{args}]\n'
+        f'timeout = 60\n'
+        f'[[scanners]]\ntype = "icap"\naddress = "127.0.0.1:{icap_server.port}"\n'
+        "[av]\nself_test_interval = 0\n")
+    code, text = send(gw, mime_with_attachment("a.zip", zipped("x.com", EICAR)))
+    assert code == 554 and text.startswith("5.7.0"), (code, text)
+    assert send(gw, text_message("three", b"clean")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    assert b"X-Virus-Scanned: MailGate (clamd, clamscan, icap)" in sink.messages[0].data
+
+
+def test_quarantine_policy_accepts_but_never_delivers(mailgate, sink, clamd_server):
+    gw = mailgate(clamd_toml(clamd_server.socket_path, av='on_infected = "quarantine"\n'))
+    code, _ = send(gw, text_message("infected", EICAR))
+    assert code == 250
+    assert send(gw, text_message("clean", b"fine")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    time.sleep(0.3)
+    assert delivered_subjects(sink) == ["clean"]
+    held = [p for p in (gw.queue_dir() / "quarantine").iterdir() if not p.name.endswith(".json")]
+    assert len(held) == 1 and EICAR in held[0].read_bytes()
