@@ -77,6 +77,19 @@ def test_clean_mail_delivered_with_x_virus_scanned(mailgate, sink, clamd_server)
     data = sink.messages[0].data
     assert b"X-Virus-Scanned: MailGate (clamd)" in data
     assert b"trust me" not in data
+    assert "scanner=clamd self_test=ok" in gw.log()
+
+
+def test_a_scanner_blind_to_eicar_is_reported_loudly_at_startup(mailgate, sink):
+    # "true" exits 0 for everything: an engine with no signatures
+    true = require_program("true")
+    gw = mailgate(f'[[scanners]]\ntype = "command"\nname = "blind"\ncommand = "{true}"\n'
+                  'clean_codes = [0]\ninfected_codes = [1]\n[av]\nself_test_interval = "10m"\n')
+    deadline = time.monotonic() + 20
+    while "self_test=FAILED" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(ln for ln in gw.log().splitlines() if "self_test=FAILED" in ln)
+    assert "ERROR" in line and "scanner=blind" in line and "did NOT detect the EICAR" in line
 
 
 def test_banned_exe_refused_with_554_571(mailgate, sink, clamd_server):
