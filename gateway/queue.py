@@ -111,7 +111,10 @@ class QueueManager:
         self.in_flight[queue_id] = d
         d.addErrback(lambda f: log.error("queue_id=%s attempt_error=%r", queue_id, f.getErrorMessage(),
                                          exc_info=(f.type, f.value, f.getTracebackObject())))
-        d.addBoth(lambda _: self.in_flight.pop(queue_id, None))
+        d.addBoth(self._finished, queue_id)
+
+    def _finished(self, _, queue_id: str) -> None:
+        self.in_flight.pop(queue_id, None)
 
     @defer.inlineCallbacks
     def _attempt(self, queue_id: str):

@@ -16,3 +16,5 @@ def mailgate(tmp_path, sink):  # noqa: F811
         gw.kill()
         if getattr(gw, "_log", None):
             gw._log.close()
+    for server in make.servers:
+        server.stop(final=True)

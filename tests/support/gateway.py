@@ -121,14 +121,37 @@ class GatewayProcess:
                               capture_output=True, check=check, input=input, timeout=120)
 
 
+def default_records():
+    """The DNS every e2e gateway sees unless a test brings its own server:
+    the test domains exist, so sender checks pass for ordinary mail."""
+    from tests.support.dns import Records
+
+    return (Records(ttl=300)
+            .mx("sender.test", "mx1.sender.test", 10).a("mx1.sender.test", "127.0.0.1")
+            .a("sender.test", "127.0.0.1")
+            .mx("example.test", "mail.example.test", 10).a("mail.example.test", "127.0.0.1")
+            .a("client.sender.test", "127.0.0.1"))
+
+
 def mailgate_factory(tmp_path: Path, sink=None):
-    """What the ``mailgate`` fixture returns: call it to get a running gateway."""
+    """What the ``mailgate`` fixture returns: call it to get a running gateway.
+
+    Without ``dns=`` a dnsmasq with ``default_records()`` is started for it:
+    a gateway in a test never asks the system resolver.
+    """
     started: list[GatewayProcess] = []
+    servers: list = []
 
     def make(extra_toml: str = "", dns: Optional[str] = None, downstream_port: Optional[int] = None,
              trusted=(), domains=("example.test",), start: bool = True, name: str = "gw") -> GatewayProcess:
         port = free_port()
         workdir = tmp_path / f"{name}{len(started)}"
+        if dns is None:
+            from tests.support.dns import Dnsmasq
+
+            server = Dnsmasq(tmp_path / f"dns{len(servers)}", default_records()).start()
+            servers.append(server)
+            dns = server.nameserver
         downstream = downstream_port if downstream_port is not None else (sink.port if sink else None)
         text = base_config(port, str(workdir / "queue"), downstream, dns, domains, trusted) + "\n" + extra_toml
         gw = GatewayProcess(workdir, text, port)
@@ -136,4 +159,5 @@ def mailgate_factory(tmp_path: Path, sink=None):
         return gw.start() if start else gw
 
     make.started = started
+    make.servers = servers
     return make
