@@ -434,7 +434,7 @@ class Deliverer:
         started = arrival if arrival is not None else self._clock()
         groups: dict[tuple, list[str]] = {}
         for rcpt in recipients:
-            domain = rcpt.rpartition("@")[2].lower().rstrip(".")
+            domain = rcpt.rpartition("@")[2].lower().rstrip(".") if "@" in rcpt else ""
             route = route_for(self.routes, domain)
             key = (route, domain if route.kind == "mx" else "")
             if rcpt not in groups.setdefault(key, []):

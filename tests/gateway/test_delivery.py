@@ -300,6 +300,19 @@ def test_recipients_grouped_per_route(reactor, run):
         assert [m.rcpt_tos for m in two.messages] == [["b@sub.two.test"]]
 
 
+def test_ipv6_literal_route(reactor, run):
+    try:
+        s = Sink(host="::1").start()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    try:
+        (o,) = run(deliverer(reactor, {"*": f"smtp:[::1]:{s.port}"}).deliver("Q17", "a@s.test", ["b@x.test"], MESSAGE))
+        assert (o.status, o.relay) == (SENT, f"::1[::1]:{s.port}")
+        assert s.messages[0].data == MESSAGE
+    finally:
+        s.stop()
+
+
 def test_log_line_per_recipient(reactor, run, caplog):
     with Sink(known_users={"ok@x.test"}) as s, caplog.at_level(logging.INFO, logger="mailgate.delivery"):
         run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver(
@@ -394,8 +407,10 @@ def test_dns_outcomes(reactor, run):
     resolver = FakeResolver(mx={"slow.test": TIMEOUT, "nomail.test": ["0 ."]},
                             addresses={"noaddr.test": []})
     d = deliverer(reactor, {"*": "mx"}, resolver)
-    outcomes = run(d.deliver("Q25", "a@s.test", ["a@missing.test", "b@slow.test", "c@nomail.test"], MESSAGE))
-    assert [(o.status, o.enhanced) for o in outcomes] == [(FAILED, "5.1.2"), (DEFERRED, "4.4.3"), (FAILED, "5.1.10")]
+    outcomes = run(d.deliver("Q25", "a@s.test", ["a@missing.test", "b@slow.test", "c@nomail.test", "postmaster"],
+                             MESSAGE))
+    assert [(o.status, o.enhanced) for o in outcomes] == [
+        (FAILED, "5.1.2"), (DEFERRED, "4.4.3"), (FAILED, "5.1.10"), (FAILED, "5.1.3")]
     assert all(not o.remote for o in outcomes)
 
 
