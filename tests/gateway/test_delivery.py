@@ -569,3 +569,9 @@ def test_mx_route_through_real_dns(reactor, run, dns_servers):  # noqa: F811
             (SENT, "mx2.example.test[127.0.0.2]"), (FAILED, ""), (SENT, "plain.test[127.0.0.2]")]
         assert outcomes[1].enhanced == "5.1.2"
         assert sorted(r for m in s.messages for r in m.rcpt_tos) == ["bob@example.test", "y@plain.test"]
+
+    dns.stop()  # DNS down: "could not look up" defers, it never bounces
+    slow = deliverer(reactor, {"*": "mx"}, Resolver([HostPort(dns.host, dns.port)], timeout=0.5), smtp_port=port)
+    (o,) = run(slow.deliver("Q51", "a@s.test", ["bob@example.test"], MESSAGE))
+    assert (o.status, o.enhanced) == (DEFERRED, "4.4.3")
+    assert "timeout" in o.reply
