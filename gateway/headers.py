@@ -79,7 +79,7 @@ def received_header(
         lines.append(f"\tfor <{recipient}>;")
     else:
         lines[-1] += ";"
-    when = datetime.datetime.fromtimestamp(now or time.time(), datetime.timezone.utc)
+    when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
     lines.append(f"\t{format_datetime(when)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 

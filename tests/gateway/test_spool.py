@@ -1,0 +1,51 @@
+"""Durability rules of the spool: the envelope is the commit record."""
+
+import os
+
+from gateway.spool import QueueEntry, RecipientState, Spool, new_queue_id
+
+
+def entry(qid="A1"):
+    return QueueEntry(queue_id=qid, sender="a@b.test", recipients=[RecipientState("c@d.test")], arrival=1.0)
+
+
+def test_store_read_update_remove(tmp_path):
+    s = Spool(str(tmp_path))
+    s.store(entry(), b"data")
+    assert s.read("A1") == b"data"
+    e = s.entry("A1")
+    e.held = True
+    s.update(e)
+    assert s.entry("A1").held
+    assert [x.queue_id for x in s.entries()] == ["A1"]
+    s.remove("A1")
+    assert s.entry("A1") is None and list(s.entries()) == []
+
+
+def test_recover_drops_half_written_messages(tmp_path):
+    s = Spool(str(tmp_path))
+    s.store(entry("GOOD"), b"ok")
+    (tmp_path / "messages" / "ORPHAN").write_bytes(b"no envelope: a crash before commit")
+    (tmp_path / "tmp" / "X.partial").write_bytes(b"half")
+    assert [e.queue_id for e in Spool(str(tmp_path)).recover()] == ["GOOD"]
+    assert not (tmp_path / "messages" / "ORPHAN").exists()
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_ids_are_unique_and_sortable():
+    a, b = new_queue_id(1000.0), new_queue_id(1001.0)
+    assert a < b and a.isalnum() and new_queue_id(1.0) != new_queue_id(1.0)
+
+
+def test_bad_ids_are_not_paths(tmp_path):
+    s = Spool(str(tmp_path))
+    assert s.entry("../etc/passwd") is None and s.quarantine_meta("../x") is None
+
+
+def test_quarantine_store_list_remove(tmp_path):
+    s = Spool(str(tmp_path))
+    s.quarantine_store("Q1", b"msg", {"queue_id": "Q1", "score": 9})
+    assert s.quarantine_list() == [{"queue_id": "Q1", "score": 9}]
+    assert s.quarantine_read("Q1") == b"msg"
+    s.quarantine_remove("Q1")
+    assert s.quarantine_list() == []
