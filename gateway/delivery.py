@@ -39,6 +39,12 @@ Postfix's "may" level does.  Pass ``tls_client_context_factory=False`` to
 never use STARTTLS, or a context factory of your own (for instance one that
 verifies) to replace the default.
 
+Collaborators are injected: the reactor, the resolver (``mx()``/``addresses()``
+coroutines, run through ``gateway.pipeline.as_deferred``, so the asyncio
+reactor must be installed), ``run_in_thread`` for the Maildir writes and for
+preparing large messages, and ``smtp_port`` (25) for "mx" next hops, which
+tests point at a free port.
+
 One log line per recipient per delivery attempt, on "mailgate.delivery"::
 
     queue_id=Q to=rcpt@x relay=mx.x[192.0.2.1]:25 status=sent code=250 reply="2.0.0 Ok" delay=0.12 tls=yes
