@@ -1,0 +1,348 @@
+"""Running a compiled ``RuleSet`` against one message.
+
+Rules of one kind are scanned together: body paragraphs are joined into one
+text and each body regex searches it once (multi-line mode makes ``^``/``$``
+mean paragraph start/end, as per paragraph in SpamAssassin); a regex first
+has to pass a literal pre-filter (``needles``: strings any match must
+contain, checked against the lower-cased text with a substring test), so
+most of the thousand stock regexes never run.  Header rules are grouped by
+header so each value is fetched and decoded once.  Meta rules are compiled
+into one Python function evaluated in dependency order.
+
+A match that spans two paragraphs (possible only because they were joined)
+is re-checked paragraph by paragraph, so results equal the per-paragraph
+semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from rules.sa import evals
+from rules.sa.perlre import guarded
+from rules.sa.ruleset import Rule, RuleSet, Skipped, meta_names
+
+log = logging.getLogger("mailgate.rules.sa")
+
+DEFAULT_SCORE_SET = 1  # network tests on, SpamAssassin's Bayes off (see docs/rules.md)
+_UNIT_KINDS = ("body", "rawbody", "uri")
+
+
+@dataclass
+class Hit:
+    name: str
+    score: float
+    count: int
+    describe: str
+
+
+@dataclass
+class _Scan:
+    """One regex rule prepared for a kind's joined text."""
+
+    rule: Rule
+    regex: re.Pattern
+    needles: Optional[tuple]
+    multiple: bool
+    maxhits: int
+    per_unit: bool  # anchors/flags that only make sense on one unit at a time
+
+
+class Engine:
+    def __init__(self, rs: RuleSet, score_set: int = DEFAULT_SCORE_SET,
+                 owned_elsewhere: Iterable[str] = (), report_evals_of: Iterable[str] = ()):
+        self.rs = rs
+        self.score_set = score_set
+        self.scores = {n: rs.score_of(n, score_set) for n in rs.rules}
+        self.owned_elsewhere = set(owned_elsewhere)
+        self.rbl_sets: dict[str, str] = {}
+        self._prepare()
+
+    # --- compile --------------------------------------------------------------
+
+    def _active(self) -> set[str]:
+        """Rules worth running: a non-zero score, or needed by such a meta."""
+        rules = self.rs.rules
+        wanted = {n for n, r in rules.items() if self.scores.get(n, 0) != 0 and not n.startswith("__")}
+        stack = list(wanted)
+        while stack:
+            r = rules.get(stack.pop())
+            if r is None or r.kind != "meta":
+                continue
+            for dep in meta_names(r.meta):
+                if dep in rules and dep not in wanted:
+                    wanted.add(dep)
+                    stack.append(dep)
+        return wanted
+
+    def _prepare(self) -> None:
+        rs = self.rs
+        active = self._active()
+        self.active = active
+        self.headers: dict[tuple[str, str], list[_Scan]] = {}
+        self.exists: list[Rule] = []
+        self.mimeheaders: list[_Scan] = []
+        self.scans: dict[str, list[_Scan]] = {k: [] for k in ("body", "rawbody", "full", "uri")}
+        self.evals: list[Rule] = []
+        metas: list[Rule] = []
+        for name, rule in rs.rules.items():
+            if rule.eval is not None and rule.eval[0] in ("check_rbl", "check_rbl_txt") and rule.eval[1]:
+                # set names must be known even for rules that do not run
+                self.rbl_sets[rule.eval[1][0]] = rule.eval[1][1].rstrip(".").lower()
+            if name not in active:
+                continue
+            if rule.kind == "meta":
+                metas.append(rule)
+            elif rule.eval is not None:
+                self.evals.append(rule)
+            elif rule.exists:
+                self.exists.append(rule)
+            else:
+                scan = self._scan(rule)
+                if rule.kind == "header":
+                    for h in rule.headers:
+                        self.headers.setdefault((h, rule.modifier), []).append(scan)
+                elif rule.kind == "mimeheader":
+                    self.mimeheaders.append(scan)
+                else:
+                    self.scans[rule.kind].append(scan)
+        self._metas = self._compile_metas(metas)
+
+    def _scan(self, rule: Rule) -> _Scan:
+        flags = self.rs.tflags.get(rule.name, set())
+        regex = rule.regex
+        per_unit = False
+        if rule.kind in _UNIT_KINDS:
+            pattern = regex.pattern
+            per_unit = bool(regex.flags & re.DOTALL) or b"\\A" in pattern or b"\\Z" in pattern
+            if not regex.flags & re.MULTILINE:
+                regex = re.compile(pattern, regex.flags | re.MULTILINE)
+        if rule.kind in _UNIT_KINDS or rule.kind == "full":
+            regex = guarded(regex)
+        return _Scan(rule, regex, rule.needles, "multiple" in flags,
+                     self.rs.maxhits.get(rule.name, 0), per_unit)
+
+    def _compile_metas(self, metas: list[Rule]):
+        by_name = {r.name: r for r in metas}
+        order: list[Rule] = []
+        state: dict[str, int] = {}
+
+        def visit(r: Rule, path: list[str]) -> bool:
+            s = state.get(r.name)
+            if s == 2:
+                return True
+            if s == 1:
+                return False  # a cycle
+            state[r.name] = 1
+            for dep in meta_names(r.meta):
+                d = by_name.get(dep)
+                if d is not None and not visit(d, path + [r.name]):
+                    state[r.name] = 2
+                    self._skip(r, f"meta: circular dependency through {dep}")
+                    return False
+            state[r.name] = 2
+            order.append(r)
+            return True
+
+        for r in metas:
+            visit(r, [])
+        lines = ["def _metas(h):"]
+        for r in order:
+            if r.name not in self.rs.rules:
+                continue  # skipped above (cycle)
+            lines.append("    try:")
+            lines.append(f"        h[{r.name!r}] = 1 if ({_meta_python(r.meta)}) else 0")
+            lines.append("    except ZeroDivisionError:")
+            lines.append(f"        h[{r.name!r}] = 0")
+        lines.append("    return h")
+        namespace: dict = {"_not": lambda x: 0 if x else 1}
+        exec(compile("\n".join(lines), "<sa meta rules>", "exec"), namespace)  # generated from checked tokens
+        self.meta_count = len(order)
+        return namespace["_metas"]
+
+    def _skip(self, rule: Rule, reason: str) -> None:
+        self.rs.rules.pop(rule.name, None)
+        self.rs.skipped[rule.name] = Skipped(rule.name, rule.kind, rule.source, reason, regex=False)
+
+    # --- run -------------------------------------------------------------------
+
+    def run(self, view, ctx: Optional[evals.EvalContext] = None) -> dict[str, int]:
+        """Rule name -> hit count (0 entries omitted except for metas)."""
+        if ctx is None:
+            ctx = evals.EvalContext(view)
+        ctx.rbl_sets = self.rbl_sets
+        ctx.lists = {**self.rs.lists, **ctx.lists}
+        hits: dict[str, int] = _Hits()
+        self._run_headers(view, hits)
+        units = {
+            "body": lambda: view.paragraphs,
+            "rawbody": lambda: view.rawbody_lines,
+            "uri": lambda: [u.encode("utf-8", "surrogateescape") for u in view.uris],
+            "full": lambda: [view.full_text],
+        }
+        texts = {
+            "body": lambda: view.body_text,
+            "rawbody": lambda: view.rawbody_text,
+            "uri": lambda: view.uri_text,
+            "full": lambda: view.full_text,
+        }
+        for kind, scans in self.scans.items():
+            if scans:
+                self._run_kind(kind, scans, texts[kind](), units[kind], hits)
+        for rule in self.evals:
+            try:
+                n = evals.run(ctx, rule.eval)
+            except Exception as e:  # a bug in one eval must not cost the others
+                log.warning("rule=%s eval=%s error=%r", rule.name, rule.eval[0], e)
+                continue
+            if n:
+                hits[rule.name] = int(n)
+        self._metas(hits)
+        return {k: v for k, v in hits.items() if v}
+
+    def _run_headers(self, view, hits) -> None:
+        for (header, modifier), scans in self.headers.items():
+            value = view.header(header, modifier)
+            for scan in scans:
+                v = value
+                if v is None:
+                    v = scan.rule.if_unset if scan.rule.if_unset is not None else b""
+                if scan.needles is not None and not scan.rule.negate:
+                    low = v.lower()
+                    if not any(n in low for n in scan.needles):
+                        continue
+                found = scan.regex.search(v) is not None
+                if found != scan.rule.negate:
+                    hits[scan.rule.name] = 1
+        for rule in self.exists:
+            if any(view.header_values(h, raw=True) for h in rule.headers):
+                hits[rule.name] = 1
+        if self.mimeheaders:
+            for scan in self.mimeheaders:
+                raw = "raw" in scan.rule.modifier
+                for h in scan.rule.headers:
+                    if any(scan.regex.search(v) for v in view.mime_header(h, raw)) != scan.rule.negate:
+                        hits[scan.rule.name] = 1
+                        break
+
+    @staticmethod
+    def _run_kind(kind: str, scans: list[_Scan], text: bytes, units, hits) -> None:
+        if not text:
+            return
+        low = text.lower()
+        unit_list = None
+        for scan in scans:
+            if scan.needles is not None and not any(n in low for n in scan.needles):
+                continue
+            if scan.per_unit and kind != "full":
+                if unit_list is None:
+                    unit_list = units()
+                n = _count_units(scan, unit_list)
+            else:
+                n = _count_joined(scan, text, kind)
+                if n < 0:
+                    if unit_list is None:
+                        unit_list = units()
+                    n = _count_units(scan, unit_list)
+            if n:
+                hits[scan.rule.name] = n
+
+
+class _Hits(dict):
+    """Meta rules read unknown names (rules that did not hit) as 0."""
+
+    def __missing__(self, key):
+        return 0
+
+
+def _crosses(match: re.Match, kind: str) -> bool:
+    if kind == "full":
+        return False
+    s = match.group(0)
+    if kind == "rawbody":
+        s = s[:-1]
+    return b"\n" in s
+
+
+def _count_joined(scan: _Scan, text: bytes, kind: str) -> int:
+    """Hits on the joined text; -1 when a match crossed units (recheck per unit)."""
+    if not scan.multiple:
+        m = scan.regex.search(text)
+        if m is None:
+            return 0
+        return -1 if _crosses(m, kind) else 1
+    n = 0
+    for m in scan.regex.finditer(text):
+        if _crosses(m, kind):
+            return -1
+        n += 1
+        if scan.maxhits and n >= scan.maxhits:
+            break
+    return n
+
+
+def _count_units(scan: _Scan, units) -> int:
+    n = 0
+    for u in units:
+        if scan.multiple:
+            for _ in scan.regex.finditer(u):
+                n += 1
+                if scan.maxhits and n >= scan.maxhits:
+                    return n
+        elif scan.regex.search(u):
+            return 1
+    return n
+
+
+_META_TOK = re.compile(r"([A-Za-z_]\w*)|(\d+(?:\.\d+)?)|(&&|\|\||==|!=|>=|<=|[-+*/<>()!])")
+
+
+def _meta_python(expr: str) -> str:
+    """Perl meta expression -> Python, ``!`` bound to its operand as in Perl."""
+    toks = [m.group(0) for m in _META_TOK.finditer(expr)]
+    out: list[str] = []
+    pending_not: list[int] = []  # '!' waiting for their operand, as open-paren depth marks
+    depth = 0
+
+    def operand_done():
+        while pending_not and pending_not[-1] == depth:
+            pending_not.pop()
+            out.append(")")
+
+    for t in toks:
+        if t == "!":
+            out.append(" _not(")
+            pending_not.append(depth)
+        elif t == "(":
+            out.append("(")
+            depth += 1
+        elif t == ")":
+            out.append(")")
+            depth -= 1
+            operand_done()
+        elif t[0].isalpha() or t[0] == "_":
+            out.append(f"h[{t!r}]")
+            operand_done()
+        elif t[0].isdigit():
+            out.append(t)
+            operand_done()
+        else:
+            out.append({"&&": " and ", "||": " or "}.get(t, f" {t} "))
+    out.extend(")" * len(pending_not))
+    return "".join(out)
+
+
+def hits_report(engine: Engine, hits: dict[str, int]) -> list[Hit]:
+    """The hits worth reporting: scored, not ``__`` sub-rules, not owned by another check."""
+    out = []
+    for name in sorted(hits):
+        if name.startswith("__") or name in engine.owned_elsewhere:
+            continue
+        score = engine.scores.get(name, 0.0)
+        if score == 0:
+            continue
+        out.append(Hit(name, score, hits[name], engine.rs.describes.get(name, "")))
+    return out

@@ -1,0 +1,182 @@
+"""The ``sa_rules`` check: SpamAssassin-compatible content rules at DATA.
+
+``[rules] dirs`` lists rule directories (or single ``.cf`` files) in load
+order; a later file overrides the scores of an earlier one, as in
+SpamAssassin.  Without ``dirs`` the gateway loads its own rules
+(``rules/default_rules``) and then, where the ``spamassassin`` package is
+installed, its stock rules: the newest ``sa-update`` directory under
+``/var/lib/spamassassin/<version>/`` when there is one (as SpamAssassin
+itself prefers), otherwise ``/usr/share/spamassassin``.
+
+Rules that cannot run (a Perl regex Python cannot take, an ``eval:`` we do
+not implement) are logged once at startup with file and line and skipped.
+Every rule hit with a non-zero score becomes a ``Result`` named after the
+rule, so ``X-Spam-Status tests=`` lists SpamAssassin's names.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Optional
+
+from pydantic import Field, field_validator
+
+from gateway.config import Section
+from gateway.plugins import Check
+from gateway.records import Result, Stage
+from rules.sa import ruleset as sa_ruleset
+from rules.sa.engine import DEFAULT_SCORE_SET, Engine, hits_report
+from rules.sa.evals import EvalContext
+from rules.sa.message import MessageView
+
+log = logging.getLogger("mailgate.rules.sa")
+
+SHIPPED_RULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_rules")
+STOCK_RULES = "/usr/share/spamassassin"
+SA_UPDATE_ROOT = "/var/lib/spamassassin"
+
+# Symbols other checks report themselves: their SpamAssassin namesakes are
+# still evaluated (meta rules use them) but never scored twice.
+OWNED_ELSEWHERE = frozenset({
+    "GTUBE",  # rules/gtube.py
+    "MISSING_DATE", "MISSING_MID", "MISSING_FROM",  # rules/header_sanity.py
+    # rules/sender_auth.py
+    "SPF_PASS", "SPF_FAIL", "SPF_SOFTFAIL", "SPF_NEUTRAL", "SPF_NONE", "SPF_PERMERROR",
+    "DKIM_VALID", "DKIM_INVALID", "DKIM_NONE", "DMARC_PASS", "DMARC_FAIL_REJECT",
+    "DMARC_FAIL_QUARANTINE", "DMARC_FAIL_NONE", "DMARC_NONE",
+})
+
+
+def stock_dirs() -> list[str]:
+    """SpamAssassin's own rules on this machine, if any (read at call time)."""
+    updates = sorted(glob.glob(os.path.join(SA_UPDATE_ROOT, "[0-9]*", "*")))
+    channels = [d for d in updates if os.path.isdir(d) and glob.glob(os.path.join(d, "*.cf"))]
+    if channels:
+        newest = os.path.dirname(channels[-1])
+        return [d for d in channels if os.path.dirname(d) == newest]
+    if glob.glob(os.path.join(STOCK_RULES, "*.cf")):
+        return [STOCK_RULES]
+    return []
+
+
+def default_dirs() -> list[str]:
+    return [SHIPPED_RULES] + stock_dirs()
+
+
+class RulesSettings(Section):
+    # None: our shipped rules, then SpamAssassin's stock rules when installed
+    dirs: Optional[list[str]] = None
+    # SpamAssassin score set: 0 no net/no Bayes, 1 net (default), 2 Bayes, 3 both
+    score_set: int = Field(DEFAULT_SCORE_SET, ge=0, le=3)
+    # whitelist_from / blacklist_from in SpamAssassin's glob syntax
+    welcomelist_from: list[str] = Field(default_factory=list)
+    blocklist_from: list[str] = Field(default_factory=list)
+    # DNSBL rules (check_rbl) feed meta rules; scoring them too would count
+    # the listing twice beside the gateway's own DNSBL check
+    score_dnsbl_rules: bool = False
+
+    @field_validator("welcomelist_from", "blocklist_from")
+    @classmethod
+    def _lower(cls, v):
+        return [p.strip().lower() for p in v if p.strip()]
+
+
+def rule_dirs(settings: RulesSettings) -> list[str]:
+    return list(settings.dirs) if settings.dirs is not None else default_dirs()
+
+
+def load_engine(settings: RulesSettings) -> Engine:
+    rs = sa_ruleset.load(rule_dirs(settings))
+    owned = set(OWNED_ELSEWHERE)
+    if not settings.score_dnsbl_rules:
+        owned |= {n for n, r in rs.rules.items()
+                  if r.eval is not None and r.eval[0].startswith("check_rbl")}
+    return Engine(rs, settings.score_set, owned_elsewhere=owned)
+
+
+def relays_header(txn, hostname: str) -> dict[str, bytes]:
+    """SpamAssassin's X-Spam-Relays-* pseudo-headers for the one hop we saw."""
+    s = txn.session
+    env = txn.envelope
+    rdns = txn.state.get("rdns") or ""
+    entry = (f"[ ip={s.ip} rdns={rdns} helo={s.helo or ''} by={hostname} ident= "
+             f"envfrom={env.sender if env else ''} intl={1 if s.trusted else 0} id={txn.queue_id} "
+             f"auth={s.auth_user or ''} msa=0 ]").encode()
+    if s.trusted:
+        return {"x-spam-relays-trusted": entry, "x-spam-relays-internal": entry}
+    return {"x-spam-relays-untrusted": entry, "x-spam-relays-external": entry,
+            "x-spam-last-external-relay": entry}
+
+
+def dnsbl_answers(txn) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """What the gateway's DNSBL checks found: zone -> A records, zone -> TXT.
+
+    The DNSBL check (rules/dnsbl.py) leaves ``txn.state["dnsbl"]`` as a
+    mapping ``{zone: {"a": [...], "txt": [...]}}`` (or ``{zone: [a, ...]}``).
+    """
+    found = txn.state.get("dnsbl") or {}
+    a: dict[str, list[str]] = {}
+    txt: dict[str, list[str]] = {}
+    for zone, value in found.items():
+        z = str(zone).rstrip(".").lower()
+        if isinstance(value, dict):
+            a[z] = [str(x) for x in value.get("a", ())]
+            txt[z] = [str(x) for x in value.get("txt", ())]
+        else:
+            a[z] = [str(x) for x in value]
+    return a, txt
+
+
+class SaRules(Check):
+    name = "sa_rules"
+    stage = Stage.DATA
+    priority = 50
+
+    def __init__(self, engine: Engine, settings: RulesSettings, hostname: str = "localhost",
+                 run_in_thread=None):
+        self.engine = engine
+        self.settings = settings
+        self.hostname = hostname
+        self.run_in_thread = run_in_thread
+        self.lists = {"welcome": list(settings.welcomelist_from), "block": list(settings.blocklist_from)}
+
+    @classmethod
+    def from_config(cls, config, services):
+        settings = config.rules
+        engine = load_engine(settings)
+        rs = engine.rs
+        for s in rs.skipped.values():
+            log.warning("rule skipped: %s (%s) at %s: %s", s.name, s.kind, s.source, s.reason)
+        for p in rs.problems:
+            log.warning("rule file problem: %s", p)
+        log.info("rules: %d loaded, %d skipped from %s", len(rs.rules), len(rs.skipped),
+                 ", ".join(rule_dirs(settings)) or "(no directories)")
+        return cls(engine, settings, config.server.hostname, getattr(services, "run_in_thread", None))
+
+    def evaluate(self, txn) -> list[Result]:
+        env = txn.envelope
+        view = MessageView(
+            txn.message.raw, txn.message.parsed,
+            envelope_sender=env.sender if env else "",
+            recipients=[r.address for r in env.recipients] if env else [],
+            relays=relays_header(txn, self.hostname),
+        )
+        a, txt = dnsbl_answers(txn)
+        lists = {k: v for k, v in self.lists.items() if v}
+        for k, v in self.engine.rs.lists.items():
+            lists[k] = lists.get(k, []) + v
+        ctx = EvalContext(view, lists=lists, dnsbl=a, dnsbl_txt=txt)
+        hits = self.engine.run(view, ctx)
+        txn.state["sa_hits"] = hits
+        return [Result(h.name, h.score, h.describe or h.name) for h in hits_report(self.engine, hits)]
+
+    def check(self, txn):
+        if self.run_in_thread is not None:
+            return self.run_in_thread(self.evaluate, txn)
+        return self.evaluate(txn)
+
+
+CHECKS = (SaRules,)
+SECTIONS = {"rules": RulesSettings}
