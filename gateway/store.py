@@ -245,3 +245,8 @@ def store_for(services) -> Store:
     if extra is None:
         return MemoryStore()
     return extra.setdefault("store", MemoryStore())
+
+
+def from_config(config) -> Store:
+    """What the service wiring calls: the store of ``config.store`` (defaults when absent)."""
+    return open_store(getattr(config, "store", None))

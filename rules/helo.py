@@ -14,8 +14,8 @@
 - ``HELO_NXDOMAIN``: the name has no A or AAAA record (scored; lookups that
   time out or fail are ``Failed``, no points), when ``check_dns``.
 
-Trusted networks and allow-listed clients (``[lists] allow_ips``) are not
-checked.  The symbols' default scores can be changed in ``[scores]``.
+Trusted networks, allow-listed clients (``[lists] allow_ips``) and
+loopback clients (unless ``check_loopback``) are not checked.  The symbols' default scores can be changed in ``[scores]``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class HeloSettings(Section):
     check_dns: bool = True
     # more names and addresses that are us (a cluster's other hostnames, a NAT address)
     our_names: list[str] = Field(default_factory=list)
+    # loopback clients are this host's own programs (a re-injecting filter, cron
+    # mail), which say "localhost" and have no PTR; like trusted networks, not checked
+    check_loopback: bool = False
 
     @field_validator("our_names")
     @classmethod
@@ -110,6 +113,8 @@ class Helo(Check):
         session = txn.session
         s = self.settings
         if session.may_relay or (self.lists is not None and self.lists.allow_ips.match(session.ip)):
+            return []
+        if session.ip.is_loopback and not s.check_loopback:
             return []
         helo = (session.helo or "").strip()
         shown = helo[:64]

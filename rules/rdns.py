@@ -4,7 +4,8 @@
 ``RDNS_MISMATCH``: none of its PTR names (the first ``[rdns] max_names``)
 has an address record (A for IPv4 clients, AAAA for IPv6) equal to the
 client address.  Lookup timeouts and SERVFAIL are ``Failed``: no points.
-Not applied to trusted networks.
+Not applied to trusted networks, nor to loopback clients unless
+``[rdns] check_loopback = true``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from gateway.records import Failed, Result, Stage
 class RdnsSettings(Section):
     # PTR names checked for forward confirmation (a client can publish many)
     max_names: int = Field(5, gt=0, le=20)
+    # loopback clients are this host's own programs: not checked unless asked
+    check_loopback: bool = False
 
 
 class ReverseDns(Check):
@@ -28,17 +31,18 @@ class ReverseDns(Check):
     stage = Stage.CONNECT
     priority = 30
 
-    def __init__(self, resolver, max_names: int = 5):
+    def __init__(self, resolver, max_names: int = 5, check_loopback: bool = False):
         self.resolver = resolver
         self.max_names = max_names
+        self.check_loopback = check_loopback
 
     @classmethod
     def from_config(cls, config, services):
-        return cls(services.resolver, config.rdns.max_names)
+        return cls(services.resolver, config.rdns.max_names, config.rdns.check_loopback)
 
     async def check(self, txn):
         session = txn.session
-        if session.may_relay:
+        if session.may_relay or (session.ip.is_loopback and not self.check_loopback):
             return []
         ip = session.ip
         ptr = await self.resolver.ptr(str(ip))

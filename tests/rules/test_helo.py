@@ -111,3 +111,8 @@ def test_dns_down_no_points_no_refusal(dns_servers):  # noqa: F811
     server.stop()
     [r] = run(c, "nohost.ghost.test")
     assert isinstance(r, Failed)
+
+
+def test_loopback_clients_only_when_asked(world):
+    assert run(build(world), "localhost", ip="127.0.0.1", local_ip="127.0.0.1") == []
+    assert outcome(run(build(world, check_loopback=True), "localhost", ip="127.0.0.1")) == [("HELO_NO_FQDN", None)]

@@ -68,3 +68,11 @@ def test_dns_down_is_failed_not_scored(dns_servers):  # noqa: F811
     server.stop()
     [r] = run(check, "192.0.2.66")
     assert isinstance(r, Failed)
+
+
+def test_loopback_only_when_asked(world):
+    assert run(build(world), "127.0.0.9") == []
+    cfg = validate({"rdns": {"check_loopback": True}}, rdns.SECTIONS)
+    check = ReverseDns.from_config(cfg, Services(None, resolver=Resolver([HostPort(world.host, world.port)],
+                                                                          timeout=1.0)))
+    assert symbols(run(check, "127.0.0.9")) == [("RDNS_NONE", "127.0.0.9")]
