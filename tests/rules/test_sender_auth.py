@@ -1,0 +1,141 @@
+"""SPF, DKIM and DMARC against a real DNS server (dnsmasq) on loopback."""
+
+from __future__ import annotations
+
+import dkim
+import pytest
+
+from gateway.config import HostPort
+from gateway.records import Envelope, Failed, Message, Recipient, Result, Session, Transaction
+from rules.dkim_sign import generate_key
+from rules.sender_auth import (
+    BlockingDns,
+    SenderAuth,
+    SenderAuthSettings,
+    _spf_dispatch,
+    authenticate,
+    results_for,
+)
+from tests.support.dns import Records, dns_servers  # noqa: F401  (fixture)
+
+HOST = "mx.gateway.test"
+
+
+@pytest.fixture(scope="module")
+def keypair():
+    return generate_key(1024)
+
+
+def _records(public: str) -> Records:
+    return (Records()
+            .txt("sender.test", "v=spf1 ip4:127.0.0.1 -all")
+            .txt("sel._domainkey.sender.test", f"v=DKIM1; k=rsa; p={public}")
+            .txt("_dmarc.sender.test", "v=DMARC1; p=reject")
+            .txt("soft.test", "v=spf1 ~all")
+            .txt("_dmarc.soft.test", "v=DMARC1; p=none")
+            .a("mail.sender.test", "127.0.0.1"))
+
+
+def _message(frm="alice@sender.test", body=b"Hello Bob,\r\n\r\nthe report is attached.\r\n") -> bytes:
+    return (f"From: Alice <{frm}>\r\nTo: bob@example.test\r\nSubject: report\r\n"
+            f"Date: Sat, 28 Nov 2026 19:00:00 +0000\r\nMessage-ID: <1@sender.test>\r\n\r\n").encode() + body
+
+
+def _signed(pem: bytes, raw: bytes) -> bytes:
+    sig = dkim.sign(raw, b"sel", b"sender.test", pem, canonicalize=(b"relaxed", b"relaxed"),
+                    include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    return sig + raw
+
+
+def _lookup(server) -> BlockingDns:
+    return BlockingDns([HostPort(server.host, server.port)], timeout=2.0)
+
+
+def _txn(raw: bytes, ip="127.0.0.1", sender="alice@sender.test", trusted=False) -> Transaction:
+    session = Session(queue_id="Q1", peer_ip=ip, helo="mail.sender.test", trusted=trusted)
+    env = Envelope("Q1", sender, recipients=[Recipient("bob@example.test", "example.test")])
+    return Transaction(session, env, Message(raw))
+
+
+def test_signed_message_from_authorised_ip_passes_all_three(dns_servers, keypair):
+    pem, public = keypair
+    server = dns_servers.dnsmasq(_records(public))
+    out = authenticate(_signed(pem, _message()), _lookup(server), HOST, "127.0.0.1",
+                       "alice@sender.test", "mail.sender.test", SenderAuthSettings())
+    assert (out.spf, out.dkim, out.dmarc) == ("pass", "pass", "pass")
+    assert out.header.startswith(HOST + ";")
+    for part in ("spf=pass", "dkim=pass", "dmarc=pass"):
+        assert part in out.header
+    symbols = {r.symbol for r in results_for(out, SenderAuthSettings())}
+    assert symbols == {"SPF_PASS", "DKIM_VALID", "DMARC_PASS"}
+
+
+def test_forged_dkim_fails_and_dmarc_reject_is_refused_when_configured(dns_servers, keypair):
+    pem, public = keypair
+    server = dns_servers.dnsmasq(_records(public))
+    forged = _signed(pem, _message()).replace(b"the report is attached", b"pay invoice 4711 now!!")
+    settings = SenderAuthSettings(refuse_dmarc_reject=True)
+    check = SenderAuth(settings, lambda: _lookup(server), HOST)
+    records = check.check(_txn(forged, ip="192.0.2.99"))
+    by_symbol = {r.symbol: r for r in records if isinstance(r, Result)}
+    assert "DKIM_INVALID" in by_symbol and by_symbol["DKIM_INVALID"].score > 0
+    assert "SPF_FAIL" in by_symbol
+    assert by_symbol["DMARC_FAIL_REJECT"].refuse == "dmarc"
+    headers = [r.header for r in records if isinstance(r, Result) and r.header]
+    assert len(headers) == 1
+    name, value = headers[0]
+    assert name == "Authentication-Results"
+    assert value.startswith(HOST + ";") and "dkim=fail" in value and "spf=fail" in value
+    assert "dmarc=fail" in value
+
+
+def test_dmarc_reject_only_scores_unless_refusal_configured(dns_servers, keypair):
+    pem, public = keypair
+    server = dns_servers.dnsmasq(_records(public))
+    check = SenderAuth(SenderAuthSettings(), lambda: _lookup(server), HOST)
+    records = check.check(_txn(_message(), ip="192.0.2.99"))
+    dmarc = [r for r in records if isinstance(r, Result) and r.symbol.startswith("DMARC")]
+    assert [r.symbol for r in dmarc] == ["DMARC_FAIL_REJECT"] and dmarc[0].refuse is None
+
+
+def test_softfail_unsigned_and_policy_none(dns_servers, keypair):
+    _, public = keypair
+    server = dns_servers.dnsmasq(_records(public))
+    out = authenticate(_message(frm="carol@soft.test"), _lookup(server), HOST, "192.0.2.5",
+                       "carol@soft.test", "h.soft.test", SenderAuthSettings())
+    assert (out.spf, out.dkim, out.dmarc) == ("softfail", "none", "fail")
+    symbols = {r.symbol for r in results_for(out, SenderAuthSettings())}
+    assert symbols == {"SPF_SOFTFAIL", "DKIM_NONE", "DMARC_FAIL_NONE"}
+
+
+def test_dns_trouble_is_temperror_without_points(dns_servers, keypair):
+    pem, public = keypair
+    server = dns_servers.dnsmasq(_records(public))
+    lookup = BlockingDns([HostPort(server.host, server.port)], timeout=0.5)
+    server.stop()
+    out = authenticate(_signed(pem, _message()), lookup, HOST, "127.0.0.1", "alice@sender.test",
+                       "mail.sender.test", SenderAuthSettings())
+    assert out.spf == "temperror" and out.dkim == "temperror" and out.dmarc == "temperror"
+    records = results_for(out, SenderAuthSettings())
+    assert all(isinstance(r, Failed) for r in records)
+    assert "spf=temperror" in out.header and "dkim=temperror" in out.header
+
+
+def test_relay_clients_are_not_judged(dns_servers, keypair):
+    _, public = keypair
+    server = dns_servers.dnsmasq(_records(public))
+    check = SenderAuth(SenderAuthSettings(), lambda: _lookup(server), HOST)
+    assert check.check(_txn(_message(), trusted=True)) == []
+
+
+def test_pyspf_never_uses_the_system_resolver_outside_a_check():
+    import spf
+
+    with pytest.raises(spf.TempError):
+        _spf_dispatch("sender.test", "TXT")
+
+
+def test_no_nameservers_is_dns_trouble_not_the_system_resolver():
+    out = authenticate(_message(), BlockingDns([]), HOST, "127.0.0.1", "alice@sender.test",
+                       "mail.sender.test", SenderAuthSettings(dkim=False, dmarc=False))
+    assert out.spf == "temperror"
