@@ -1,0 +1,269 @@
+"""``mailgate train``, ``mailgate learn`` and ``mailgate eval``.
+
+PATH arguments are files, Maildirs, mbox files or directory trees of them
+(``gateway.sources.iter_messages``).  The model path is ``[bayes] model``
+from the config unless ``-o``/``-m`` names another.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Iterable, Optional
+
+import numpy as np
+
+from gateway.errors import MailGateError
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, what: str, total: int = 0, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.what, self.total, self.done = what, total, 0
+        self.started = self._last = time.monotonic()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 0.1:
+            self._last = now
+            self._draw()
+
+    def _draw(self) -> None:
+        rate = self.done / max(1e-9, time.monotonic() - self.started)
+        if self.total:
+            frac = min(1.0, self.done / self.total)
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            line = f"\r{self.what} [{bar}] {self.done}/{self.total} ({rate:.0f}/s)"
+        else:
+            line = f"\r{self.what} {self.done} ({rate:.0f}/s)"
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _count_files(paths: Iterable[str]) -> int:
+    """A quick estimate of how many messages there are, for the bar."""
+    n = 0
+    for p in paths:
+        if os.path.isdir(p):
+            for _, dirs, files in os.walk(p):
+                n += sum(1 for f in files if not f.startswith(".") and f != "cmds")
+        elif os.path.exists(p):
+            n += 1
+    return n
+
+
+def _check_paths(paths: Iterable[str]) -> None:
+    for p in paths:
+        if not os.path.exists(p):
+            raise MailGateError(f"{p}: no such file or directory")
+
+
+def _read(paths, label, tokenizer, progress: Progress):
+    """(source, name, raw digest, tokens) for every message under paths."""
+    from classifiers.evaluation import Sample
+    from classifiers.model import message_digest
+    from gateway.sources import iter_messages
+
+    out = []
+    for path in paths:
+        for name, raw in iter_messages([path]):
+            out.append((Sample(label, name, path, tokenizer(raw)), message_digest(raw)))
+            progress.step()
+    return out
+
+
+def _settings(args):
+    """(config, bayes settings, model path)"""
+    from gateway.cli import load_config
+
+    config = load_config(args)
+    bayes = config.bayes
+    model_path = getattr(args, "output", None) or getattr(args, "model", None) or bayes.model
+    return config, bayes, model_path
+
+
+def _band_scores(config) -> dict:
+    from classifiers.bayes_check import DEFAULT_SCORES
+
+    scores = dict(config.bayes.scores)
+    # [scores] overrides every symbol's weight, Bayes bands included
+    scores.update({k: v for k, v in config.scores.items() if k in DEFAULT_SCORES})
+    return scores
+
+
+def _size(path: str) -> str:
+    n = os.path.getsize(path)
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+# --- train -------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from classifiers.model import HAM, SPAM, BayesModel
+
+    _check_paths(args.spam + args.ham)
+    _, bayes, model_path = _settings(args)
+    started = time.monotonic()
+    model = BayesModel()
+    progress = Progress("reading", _count_files(args.spam + args.ham))
+    rows = _read(args.spam, SPAM, model.tokens, progress) + _read(args.ham, HAM, model.tokens, progress)
+    progress.close()
+
+    seen: dict[bytes, int] = {}
+    keep, duplicates, conflicts = [], 0, 0
+    for sample, digest in rows:
+        before = seen.get(digest)
+        if before is None:
+            seen[digest] = sample.label
+            keep.append(sample)
+        elif before == sample.label:
+            duplicates += 1
+        else:
+            conflicts += 1  # the same message given as spam and as ham: first one wins
+    nspam = sum(1 for s in keep if s.label == SPAM)
+    nham = len(keep) - nspam
+    if not nspam or not nham:
+        raise MailGateError(f"found {nspam} spam and {nham} ham messages; training needs both "
+                            f"(spam from {' '.join(args.spam)}, ham from {' '.join(args.ham)})")
+    if args.verbose:
+        print(f"fitting on {nspam} spam, {nham} ham ...", file=sys.stderr)
+    model.fit(model.vectors([s.tokens for s in keep]), np.array([s.label for s in keep]))
+    for digest, label in seen.items():
+        model.record(digest, label)
+    model.save(model_path)
+    took = time.monotonic() - started
+    print(f"trained on {nspam} spam and {nham} ham in {took:.1f} s"
+          + (f"; skipped {duplicates} duplicate(s)" if duplicates else "")
+          + (f"; {conflicts} message(s) given both as spam and ham kept their first label" if conflicts else ""))
+    print(f"model: {model_path} ({_size(model_path)}), calibration a={model.calibration[0]:.4g} "
+          f"b={model.calibration[1]:.4g}")
+    if nspam < bayes.min_spam or nham < bayes.min_ham:
+        print(f"note: the gateway uses the model only from {bayes.min_spam} spam and {bayes.min_ham} ham "
+              f"([bayes] min_spam/min_ham); learn more with `mailgate learn`")
+    return 0
+
+
+# --- learn -------------------------------------------------------------------
+
+
+def cmd_learn(args) -> int:
+    from classifiers.model import HAM, SPAM, BayesModel
+    from gateway.sources import iter_messages
+
+    paths = args.spam or args.ham
+    label = SPAM if args.spam else HAM
+    _check_paths(paths)
+    _, _, model_path = _settings(args)
+    model = BayesModel.load(model_path)  # ModelError names the file and why
+    counts = {"new": 0, "same": 0, "moved": 0}
+    progress = Progress("learning", _count_files(paths))
+    for _, raw in iter_messages(paths):
+        counts[model.learn(raw, label, refresh=False)] += 1
+        progress.step()
+    progress.close()
+    model.commit()
+    if counts["new"] or counts["moved"]:
+        model.save(model_path)
+    what = "spam" if label == SPAM else "ham"
+    print(f"learned {counts['new']} new message(s) as {what}; {counts['moved']} moved from "
+          f"{'ham' if label == SPAM else 'spam'}; {counts['same']} already learned as {what}")
+    print(f"model: {model_path} now {model.nspam} spam, {model.nham} ham")
+    return 0
+
+
+# --- eval --------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    from classifiers import evaluation as ev
+    from classifiers.model import DEFAULT_MODEL_SETTINGS, HAM, SPAM, BayesModel
+    from classifiers.tokenizer import tokenize
+
+    config, _, model_path = _settings(args)
+    threshold = args.threshold if args.threshold is not None else config.spam.threshold
+    scores = _band_scores(config)
+    settings = DEFAULT_MODEL_SETTINGS
+    tokens = lambda raw: tokenize(raw, settings.tokenizer)  # noqa: E731
+
+    testing = bool(args.test_spam or args.test_ham)
+    training = bool(args.spam or args.ham)
+    if training and not (args.spam and args.ham):
+        raise MailGateError("give both --spam and --ham to train on")
+    if not training and not testing:
+        raise MailGateError("give --spam and --ham (cross-validation), or --test-spam/--test-ham")
+    _check_paths(args.spam + args.ham + args.test_spam + args.test_ham)
+    if args.folds < 2:
+        raise MailGateError(f"--folds {args.folds}: needs at least 2")
+    if args.only_fold is not None and not 0 <= args.only_fold < args.folds:
+        raise MailGateError(f"--only-fold {args.only_fold}: must be 0..{args.folds - 1}")
+
+    started = time.monotonic()
+    progress = Progress("reading", _count_files(args.spam + args.ham + args.test_spam + args.test_ham))
+    train_samples = [s for s, _ in _read(args.spam, SPAM, tokens, progress) + _read(args.ham, HAM, tokens, progress)]
+    test_samples = [s for s, _ in _read(args.test_spam, SPAM, tokens, progress)
+                    + _read(args.test_ham, HAM, tokens, progress)]
+    progress.close()
+
+    if testing:
+        if training:
+            model = ev.train_on(train_samples, settings)
+            how = f" (trained on {len(train_samples)} messages from --spam/--ham)"
+        else:
+            model = BayesModel.load(model_path)
+            how = f" (model {model_path}: {model.nspam} spam, {model.nham} ham)"
+        report = ev.test_report(model, test_samples, threshold, scores, how)
+    else:
+        labels = {s.label for s in train_samples}
+        if labels != {SPAM, HAM}:
+            raise MailGateError("found no spam or no ham messages to cross-validate")
+        report = ev.cross_validate(train_samples, settings, args.folds, threshold, scores, args.only_fold)
+    print(report.format())
+    print(f"\n(took {time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def register_commands(subparsers, parent) -> None:
+    p = subparsers.add_parser("train", parents=[parent], help="train the Bayes model from spam and ham folders",
+                              description="Train a new Bayes model. PATH is a message file, a Maildir, an mbox "
+                                          "or a directory tree of them.")
+    p.add_argument("--spam", nargs="+", required=True, metavar="PATH", help="spam messages")
+    p.add_argument("--ham", nargs="+", required=True, metavar="PATH", help="ham (good) messages")
+    p.add_argument("-o", "--output", metavar="MODEL", help="model file to write (default: [bayes] model)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("learn", parents=[parent], help="correct the Bayes model with more spam or ham",
+                              description="Learn messages into the existing model. A message learned before the "
+                                          "same way is not counted twice; learned the other way, it is moved.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--spam", nargs="+", metavar="PATH", help="messages that are spam")
+    g.add_argument("--ham", nargs="+", metavar="PATH", help="messages that are ham")
+    p.add_argument("-m", "--model", metavar="MODEL", help="model file (default: [bayes] model)")
+    p.set_defaults(func=cmd_learn)
+
+    p = subparsers.add_parser("eval", parents=[parent], help="measure the Bayes classifier",
+                              description="Cross-validate on --spam/--ham (folds by a hash of the file name), "
+                                          "or test on --test-spam/--test-ham (with the model file, or trained "
+                                          "on --spam/--ham).")
+    p.add_argument("--spam", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--ham", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--test-spam", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--test-ham", nargs="+", default=[], metavar="PATH")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--only-fold", type=int, default=None, metavar="N",
+                   help="test on fold N only (with --folds 5 and N=0: the documented 80/20 split)")
+    p.add_argument("--threshold", type=float, default=None, help="pipeline threshold (default: [spam] threshold)")
+    p.add_argument("-m", "--model", metavar="MODEL", help="model file for --test-* (default: [bayes] model)")
+    p.set_defaults(func=cmd_eval)
