@@ -95,6 +95,13 @@ class AntivirusCheck(Check):
         av = getattr(config, "av", None) or AvSettings()
         run = services.run_in_thread or _default_run_in_thread(services.reactor)
         check = cls(build_scanners(settings, services.reactor, run), av)
+        server = getattr(config, "server", None)
+        biggest = getattr(server, "max_message_size", 0)
+        for st in settings:
+            if biggest and st.max_size < biggest:
+                log.warning("scanner=%s max_size=%d is below server.max_message_size=%d: bigger messages"
+                            " are never scanned and count as scanner failures (on_error=%s)",
+                            st.label, st.max_size, biggest, av.on_error)
         for s in check.scanners:
             log.info("scanner=%s configured=%s timeout=%gs", s.name, s.adapter.describe(), s.timeout)
             s.start_self_test(av.self_test_interval)
@@ -110,7 +117,8 @@ class AntivirusCheck(Check):
         for name, o in outcomes:
             kind = type(o).__name__
             detail = ",".join(getattr(o, "names", ())) or getattr(o, "reason", "")
-            level = logging.WARNING if kind == "ScanFailed" else logging.INFO
+            # the gateway's per-message line carries the verdict; this says which engine
+            level = {"Clean": logging.DEBUG, "Infected": logging.INFO}.get(kind, logging.WARNING)
             log.log(level, "queue_id=%s scanner=%s result=%s%s", txn.queue_id, name, kind.lower(),
                     f" detail={detail!r}" if detail else "")
         return to_records(outcomes, self.av.on_infected, self.av.on_error, self.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -265,15 +266,26 @@ class CommandScanner(Scanner):
     def _run(self, path: str) -> Outcome:
         argv = self.profile.argv(path)
         try:
-            # subprocess kills the child when the timeout expires
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return ScanFailed(f"{argv[0]} did not finish in {self.timeout:g}s")
+            # its own process group, so a wrapper script's children die with it
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             return ScanFailed(f"cannot run {argv[0]}: {e.strerror or e}")
-        output = proc.stdout.decode("utf-8", "replace")
+        try:
+            out, _ = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return ScanFailed(f"{argv[0]} did not finish in {self.timeout:g}s")
+        output = out.decode("utf-8", "replace")
         return interpret(self.profile, proc.returncode, output)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+    proc.communicate()
 
 
 def interpret(profile: Profile, code: int, output: str) -> Outcome:

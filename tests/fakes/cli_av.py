@@ -8,7 +8,7 @@ exit code for clean / infected / error and the line it prints for an
 infection.  The "signatures" are the EICAR test file and the MailGate test
 marker; a file containing ``FAKE-AV-TRIGGER-ERROR`` makes the program fail
 the way that vendor fails, and ``FAKE-AV-TRIGGER-HANG`` makes it hang (for
-timeout tests).  It also insists on being given the options the profile
+timeout tests; at most a minute, and never past its parent).  It also insists on being given the options the profile
 documents, so a profile with wrong arguments fails its test.
 """
 
@@ -42,6 +42,15 @@ VENDORS = {
 NAMES = {"eicar": "EICAR-Test-File", "marker": "MailGate-Test-Marker"}
 
 
+def hang(limit: float = 60.0) -> None:
+    """Hang like a stuck engine, but not past the life of whoever ran us
+    (a gateway killed mid-scan must not leave this behind) nor a minute."""
+    parent = os.getppid()
+    deadline = time.monotonic() + limit
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] not in VENDORS:
         print(f"usage: cli_av.py {{{'|'.join(VENDORS)}}} [options] FILE", file=sys.stderr)
@@ -61,7 +70,7 @@ def main(argv: list[str]) -> int:
         return error
     print(f"{vendor} stand-in scanner for MailGate tests, pid {os.getpid()}")
     if b"FAKE-AV-TRIGGER-HANG" in data:
-        time.sleep(3600)
+        hang()
     if b"FAKE-AV-TRIGGER-ERROR" in data:
         print(f"{vendor}: internal error while reading {path}")
         return error

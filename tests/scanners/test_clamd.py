@@ -65,7 +65,7 @@ def test_clean_message(clamd_adapter):
 
 def test_no_clamd_is_a_retryable_failure(tmp_path):
     outcome = ClamdScanner(socket_path=str(tmp_path / "none.sock"), timeout=2).scan_blocking(b"x")
-    assert isinstance(outcome, ScanFailed) and outcome.retry and "cannot reach clamd" in outcome.reason
+    assert isinstance(outcome, ScanFailed) and outcome.retry and "could not reach clamd" in outcome.reason
 
 
 def test_silent_clamd_times_out(silent_unix):

@@ -157,3 +157,20 @@ def test_bad_command_config_is_refused_with_a_reason(toml, message):
 
     with pytest.raises(ConfigError, match=message):
         config("[[scanners]]\n" + toml)
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    # a wrapper script whose own child would outlive a plain kill of the script
+    pidfile = tmp_path / "child.pid"
+    script = tmp_path / "wrapper.sh"
+    script.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > {pidfile}\nwait\n")
+    script.chmod(0o755)
+    profile = Profile("wrapper", str(script), clean=frozenset({0}), infected=frozenset({1}))
+    outcome = CommandScanner(profile, timeout=0.5, tmp_dir=str(tmp_path)).scan_blocking(b"x")
+    assert isinstance(outcome, ScanFailed) and "did not finish" in outcome.reason
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = os.path.exists(f"/proc/{child}") and "Z" not in open(f"/proc/{child}/stat").read().split()[2]
+    assert not alive
