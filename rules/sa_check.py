@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from typing import Optional
 
 from pydantic import Field, field_validator
@@ -110,22 +111,37 @@ def relays_header(txn, hostname: str) -> dict[str, bytes]:
             "x-spam-last-external-relay": entry}
 
 
-def dnsbl_answers(txn) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """What the gateway's DNSBL checks found: zone -> A records, zone -> TXT.
+_LISTING = re.compile(r"^([a-z0-9_.-]+)=(\d{1,3}(?:\.\d{1,3}){3})$")
 
-    The DNSBL check (rules/dnsbl.py) leaves ``txn.state["dnsbl"]`` as a
-    mapping ``{zone: {"a": [...], "txt": [...]}}`` (or ``{zone: [a, ...]}``).
+
+def dnsbl_answers(txn) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """What the gateway's DNSBL check found: zone -> A records, zone -> TXT.
+
+    rules/dnsbl.py reports each listing at the MAIL stage as a Result whose
+    detail is ``zone=answer`` (``zen.test=127.0.0.2``); those records are in
+    ``txn.envelope.results`` (and ``session.results`` for connect-stage
+    checks) by the time DATA runs.  ``txn.state["dnsbl"]`` (``{zone: [a...]}``
+    or ``{zone: {"a": [...], "txt": [...]}}``) is read too.  TXT answers are
+    only known through the latter, so ``check_rbl_txt`` rules hit only then.
     """
-    found = txn.state.get("dnsbl") or {}
     a: dict[str, list[str]] = {}
     txt: dict[str, list[str]] = {}
-    for zone, value in found.items():
+    earlier = list(getattr(txn.session, "results", []) or [])
+    if txn.envelope is not None:
+        earlier += list(txn.envelope.results or [])
+    for r in earlier:
+        m = _LISTING.match(getattr(r, "detail", "") or "")
+        if isinstance(r, Result) and m:
+            zone = m.group(1).rstrip(".").lower()
+            if m.group(2) not in a.setdefault(zone, []):
+                a[zone].append(m.group(2))
+    for zone, value in (txn.state.get("dnsbl") or {}).items():
         z = str(zone).rstrip(".").lower()
         if isinstance(value, dict):
-            a[z] = [str(x) for x in value.get("a", ())]
-            txt[z] = [str(x) for x in value.get("txt", ())]
+            a.setdefault(z, []).extend(str(x) for x in value.get("a", ()))
+            txt.setdefault(z, []).extend(str(x) for x in value.get("txt", ()))
         else:
-            a[z] = [str(x) for x in value]
+            a.setdefault(z, []).extend(str(x) for x in value)
     return a, txt
 
 

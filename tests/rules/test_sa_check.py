@@ -1,0 +1,118 @@
+"""The sa_rules check: config, shipped rules, results, DNSBL mapping, stock rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gateway import config as cfg
+from gateway.plugins import Services
+from gateway.records import Envelope, Message, Recipient, Result, Session, Transaction
+from rules.sa_check import SHIPPED_RULES, RulesSettings, SaRules, default_dirs, load_engine, stock_dirs
+
+PHISH = (b"From: \"Support support@bank.test\" <x@evil.test>\r\nTo: bob@example.test\r\n"
+         b"Subject: Account notice\r\nContent-Type: text/plain\r\n\r\n"
+         b"Please verify your account today: http://192.0.2.7/login\r\n")
+
+
+def _config(tmp_path, text: str):
+    path = tmp_path / "mailgate.toml"
+    path.write_text("[server]\nhostname = \"mx.gateway.test\"\n" + text)
+    return cfg.load(str(path))
+
+
+def _txn(raw: bytes, results=()) -> Transaction:
+    env = Envelope("Q1", "x@evil.test", recipients=[Recipient("bob@example.test", "example.test")])
+    env.results.extend(results)
+    return Transaction(Session("Q1", "192.0.2.1", helo="evil.test"), env, Message(raw))
+
+
+def test_shipped_rules_are_found_next_to_the_package():
+    assert os.path.isfile(os.path.join(SHIPPED_RULES, "50_mailgate.cf"))
+    assert default_dirs()[0] == SHIPPED_RULES
+    rs = load_engine(RulesSettings(dirs=[SHIPPED_RULES])).rs
+    assert not rs.skipped and not rs.problems
+    assert len(rs.rules) > 20
+
+
+def test_check_reports_hits_with_scores(tmp_path):
+    config = _config(tmp_path, f"[rules]\ndirs = [{SHIPPED_RULES!r}]\n")
+    check = SaRules.from_config(config, Services(reactor=None))
+    results = check.check(_txn(PHISH))
+    by_symbol = {r.symbol: r for r in results}
+    assert {"MG_FROM_NAME_HAS_ADDR", "MG_VERIFY_ACCOUNT", "MG_URI_IP_HOST", "MG_PHISH_LINK"} <= set(by_symbol)
+    assert by_symbol["MG_PHISH_LINK"].score == 2.5
+    assert all(isinstance(r, Result) and r.score != 0 for r in results)
+
+
+def test_local_directory_overrides_shipped_scores(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "local.cf").write_text("score MG_PHISH_LINK 6.0\nbody LOCAL_RULE /verify your account/i\n"
+                                    "score LOCAL_RULE 0.7\n")
+    config = _config(tmp_path, f"[rules]\ndirs = [{SHIPPED_RULES!r}, {str(local)!r}]\n")
+    by_symbol = {r.symbol: r for r in SaRules.from_config(config, Services(reactor=None)).check(_txn(PHISH))}
+    assert by_symbol["MG_PHISH_LINK"].score == 6.0 and by_symbol["LOCAL_RULE"].score == 0.7
+
+
+def test_config_lists_feed_welcomelist_and_blocklist_rules(tmp_path):
+    config = _config(tmp_path, f"[rules]\ndirs = [{SHIPPED_RULES!r}]\nblocklist_from = [\"*@EVIL.test\"]\n")
+    symbols = {r.symbol for r in SaRules.from_config(config, Services(reactor=None)).check(_txn(PHISH))}
+    assert "MG_FROM_BLOCKLISTED" in symbols
+
+
+def test_bad_rules_config_is_refused(tmp_path):
+    with pytest.raises(cfg.ConfigError):
+        _config(tmp_path, "[rules]\nscore_set = 7\n")
+    with pytest.raises(cfg.ConfigError):
+        _config(tmp_path, "[rules]\nnope = 1\n")
+
+
+def test_dnsbl_listings_of_the_mail_stage_feed_check_rbl(tmp_path):
+    rules = tmp_path / "r"
+    rules.mkdir()
+    (rules / "dnsbl.cf").write_text("header __RCVD_IN_ZEN eval:check_rbl('zen', 'zen.test.')\n"
+                                    "header RCVD_IN_SBL eval:check_rbl_sub('zen', '127.0.0.2')\n"
+                                    "score RCVD_IN_SBL 2.0\n"
+                                    "meta ZEN_AND_PHISH __RCVD_IN_ZEN && MG_VERIFY_ACCOUNT\n"
+                                    "score ZEN_AND_PHISH 1.0\n")
+    dirs = f"[{SHIPPED_RULES!r}, {str(rules)!r}]"
+    listing = Result("RBL_ZEN_TEST", 3.0, "zen.test=127.0.0.2")
+    config = _config(tmp_path, f"[rules]\ndirs = {dirs}\n")
+    check = SaRules.from_config(config, Services(reactor=None))
+    symbols = {r.symbol for r in check.check(_txn(PHISH, [listing]))}
+    assert "ZEN_AND_PHISH" in symbols
+    assert "RCVD_IN_SBL" not in symbols  # the dnsbl check already scored the listing
+    assert "ZEN_AND_PHISH" not in {r.symbol for r in check.check(_txn(PHISH))}
+    config = _config(tmp_path, f"[rules]\ndirs = {dirs}\nscore_dnsbl_rules = true\n")
+    symbols = {r.symbol for r in SaRules.from_config(config, Services(reactor=None)).check(_txn(PHISH, [listing]))}
+    assert "RCVD_IN_SBL" in symbols
+
+
+def test_work_runs_in_the_thread_pool_when_given():
+    calls = []
+
+    def run_in_thread(fn, *args):
+        calls.append(fn)
+        return fn(*args)
+
+    check = SaRules(load_engine(RulesSettings(dirs=[SHIPPED_RULES])), RulesSettings(dirs=[SHIPPED_RULES]),
+                    run_in_thread=run_in_thread)
+    assert check.check(_txn(PHISH)) and calls == [check.evaluate]
+
+
+@pytest.mark.skipif(not stock_dirs(), reason="SpamAssassin's stock rules are not installed")
+def test_stock_rules_load_and_most_regex_rules_run(capsys):
+    engine = load_engine(RulesSettings())
+    rs = engine.rs
+    regex_loaded = sum(1 for r in rs.rules.values() if r.regex is not None)
+    regex_skipped = sum(1 for s in rs.skipped.values() if s.regex)
+    share = regex_skipped / (regex_loaded + regex_skipped)
+    with capsys.disabled():
+        print(f"\nstock rules: {len(rs.rules)} loaded, {len(rs.skipped)} skipped; "
+              f"regex rules skipped: {regex_skipped}/{regex_loaded + regex_skipped} ({100 * share:.1f}%)")
+    assert regex_loaded > 1000
+    assert share < 0.10
+    results = engine.run(__import__("rules.sa.message", fromlist=["MessageView"]).MessageView(PHISH))
+    assert isinstance(results, dict)

@@ -1,0 +1,191 @@
+"""The rules engine: a table of rule files and messages with the hits expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from rules.sa.engine import Engine, hits_report
+from rules.sa.evals import EvalContext
+from rules.sa.message import MessageView
+from rules.sa.ruleset import load_text
+
+
+def msg(headers: str, body: str = "Hello.\n", ctype: str = "text/plain") -> bytes:
+    head = headers.strip("\n").replace("\n", "\r\n")
+    return (f"{head}\r\nContent-Type: {ctype}; charset=utf-8\r\n\r\n" + body.replace("\n", "\r\n")).encode()
+
+
+PLAIN = msg("From: Alice <alice@example.test>\nTo: bob@example.test\nSubject: Quarterly report",
+            "Dear Bob,\n\nplease find the figures below.\nRegards\n")
+SPAMMY = msg(
+    "From: \"PayPal Support paypal@service.test\" <x@evil.test>\nSubject: Your account is LOCKED\n"
+    "X-Mailer: BulkBlaster 3.0\nReply-To: <y@evil.test>",
+    "Dear customer,\n\nyour account\nhas been locked. Click here now! Click here!\n\n"
+    "Visit http://192.0.2.7/login or http://bit.ly/abc today.\n")
+HTML = msg("From: a@b.test\nTo: c@d.test\nSubject: offer",
+           "<html><head><title>Offer</title></head><body><p>Buy <b>CHEAP</b> watches</p>"
+           "<a href=\"http://shop.evil.test/w\">here</a><blink>x</blink><foo>y</foo></body></html>\n",
+           ctype="text/html")
+
+CASES = [
+    # header: =~, !~, :name, :addr, :raw, exists:, if-unset
+    ("header H1 Subject =~ /locked/i", SPAMMY, {"H1"}),
+    ("header H2 Subject !~ /locked/i", SPAMMY, set()),
+    ("header H2 Subject !~ /locked/i", PLAIN, {"H2"}),
+    ("header H3 From:name =~ /paypal/i", SPAMMY, {"H3"}),
+    ("header H4 From:addr =~ /\\@evil\\.test$/", SPAMMY, {"H4"}),
+    ("header H4 From:addr =~ /paypal/", SPAMMY, set()),
+    ("header H5 exists:X-Mailer", SPAMMY, {"H5"}),
+    ("header H5 exists:X-Mailer", PLAIN, set()),
+    ("header H6 X-Missing =~ /^UNSET$/ [if-unset: UNSET]", PLAIN, {"H6"}),
+    ("header H7 ToCc =~ /bob\\@/", PLAIN, {"H7"}),
+    ("header H8 ALL =~ /^X-Mailer: Bulk/m", SPAMMY, {"H8"}),
+    ("header H9 Subject =~ /report$/", PLAIN, {"H9"}),  # $ before the value's newline, as in Perl
+    # body: rendered, one paragraph at a time, Subject first
+    ("body B1 /your account has been locked/i", SPAMMY, {"B1"}),  # lines of a paragraph joined
+    ("body B2 /locked\\. Click here now! Click here! Visit/", SPAMMY, set()),  # not across paragraphs
+    ("body B3 /^Your account is LOCKED$/", SPAMMY, {"B3"}),  # the Subject is the first paragraph
+    ("body B4 /Buy CHEAP watches/", HTML, {"B4"}),  # HTML rendered
+    ("body B5 /<b>/", HTML, set()),
+    ("rawbody R1 /<b>CHEAP<\\/b>/", HTML, {"R1"}),  # rawbody keeps the tags
+    ("full F1 /^X-Mailer: BulkBlaster/m", SPAMMY, {"F1"}),
+    ("uri U1 /^http:\\/\\/192\\.0\\.2\\.7\\//", SPAMMY, {"U1"}),
+    ("uri U2 m{^http://shop\\.evil\\.test/}", HTML, {"U2"}),
+    ("mimeheader M1 Content-Type =~ /text\\/html/", HTML, {"M1"}),
+    # tflags multiple / maxhits: the count feeds meta arithmetic
+    ("body C1 /click here/i\ntflags C1 multiple\nmeta C2 C1 >= 2", SPAMMY, {"C1", "C2"}),
+    ("body C1 /click here/i\ntflags C1 multiple maxhits=1\nmeta C2 C1 >= 2", SPAMMY, {"C1"}),
+    # meta: boolean and arithmetic, unknown names are 0, ! binds to its operand
+    ("header __A Subject =~ /locked/i\nheader __B exists:X-Mailer\nmeta M3 __A && __B", SPAMMY, {"M3"}),
+    ("header __A Subject =~ /locked/i\nmeta M4 __A && !__NOPE", SPAMMY, {"M4"}),
+    ("header __A Subject =~ /locked/i\nheader __B exists:X-Mailer\nmeta M5 (__A + __B + __NOPE) > 1",
+     SPAMMY, {"M5"}),
+    ("header __A Subject =~ /locked/i\nmeta M6 !__A + 1 > 1", SPAMMY, set()),
+    ("meta M7 M8 || 0\nmeta M8 __X", PLAIN, set()),
+    # evals
+    ("header E1 eval:check_for_missing_to_header()", SPAMMY, {"E1"}),
+    ("header E1 eval:check_for_missing_to_header()", PLAIN, set()),
+    ("blacklist_from *@evil.test\nheader E2 eval:check_from_in_blacklist()", SPAMMY, {"E2"}),
+    ("whitelist_from alice@example.test\nheader E3 eval:check_from_in_whitelist()", PLAIN, {"E3"}),
+    ("body E4 eval:html_test('html')", HTML, {"E4"}),
+    ("body E5 eval:html_range('bad_tag_ratio', '0.1', 'inf')", HTML, {"E5"}),
+    ("body E6 eval:html_tag_exists('blink')", HTML, {"E6"}),
+    ("body E7 eval:html_text_match('title', 'Offer')", HTML, {"E7"}),
+    ("body E8 eval:check_for_mime_html_only()", HTML, {"E8"}),
+    # ifplugin / if / else
+    ("ifplugin Mail::SpamAssassin::Plugin::Bayes\nheader I1 Subject =~ /./\nendif", SPAMMY, set()),
+    ("ifplugin Mail::SpamAssassin::Plugin::HTMLEval\nheader I2 Subject =~ /./\nendif", SPAMMY, {"I2"}),
+    ("if (version >= 3.004000)\nheader I3 Subject =~ /./\nelse\nheader I4 Subject =~ /./\nendif",
+     SPAMMY, {"I3"}),
+    ("if !plugin(Mail::SpamAssassin::Plugin::DKIM)\nheader I5 Subject =~ /./\nendif", SPAMMY, {"I5"}),
+    # ReplaceTags
+    ("replace_tag CK (?:c|k)\nbody T1 /<CK>lick here/i\nreplace_rules T1", SPAMMY, {"T1"}),
+    ("replace_tag L [l1]\nreplace_inter W [\\s.]?\nbody T2 /<inter W><L><L>/\nreplace_rules T2",
+     msg("Subject: x", "l.1 x\n"), {"T2"}),
+    # a later definition replaces the earlier one
+    ("header D1 Subject =~ /nomatch/\nheader D1 Subject =~ /locked/i", SPAMMY, {"D1"}),
+    # Perl constructs translated for Python
+    ("body P1 /[[:upper:]]{6}\\z/", SPAMMY, {"P1"}),
+    ("body P2 /account(?i)\\s+HAS BEEN/", SPAMMY, {"P2"}),
+    ("header P3 Subject =~ /\\x{4f}CKED/i", SPAMMY, {"P3"}),
+]
+
+
+@pytest.mark.parametrize("rules,raw,expected", CASES, ids=[c[0].splitlines()[-1][:60] for c in CASES])
+def test_rule_table(rules, raw, expected):
+    rs = load_text(rules)
+    assert not rs.skipped, rs.skipped
+    engine = Engine(rs)
+    hits = engine.run(MessageView(raw))
+    assert {h for h in hits if not h.startswith("__")} == expected
+
+
+def test_scores_one_or_four_values_and_the_set_picked():
+    rs = load_text("header S1 Subject =~ /locked/i\nscore S1 1.0 2.0 3.0 4.0\n"
+                   "header S2 Subject =~ /locked/i\nscore S2 0.5\n"
+                   "header S3 Subject =~ /locked/i\n"
+                   "header T_S4 Subject =~ /locked/i\n"
+                   "header S5 Subject =~ /locked/i\nscore S5 0\n"
+                   "describe S1 first rule\n")
+    for score_set, s1 in ((0, 1.0), (1, 2.0), (3, 4.0)):
+        engine = Engine(rs, score_set=score_set)
+        report = {h.name: h for h in hits_report(engine, engine.run(MessageView(SPAMMY)))}
+        assert report["S1"].score == s1 and report["S1"].describe == "first rule"
+        assert report["S2"].score == 0.5
+        assert report["S3"].score == 1.0  # SpamAssassin's default
+        assert report["T_S4"].score == 0.01  # testing rules
+        assert "S5" not in report  # score 0 switches a rule off
+
+
+def test_later_score_line_overrides_earlier_file(tmp_path):
+    from rules.sa.ruleset import load
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "10_rules.cf").write_text("header S1 Subject =~ /locked/i\nscore S1 3.0\n")
+    (tmp_path / "b" / "local.cf").write_text("score S1 0.25\n")
+    rs = load([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert rs.score_of("S1", 1) == 0.25
+
+
+def test_include_reads_relative_files_and_stops_loops(tmp_path):
+    from rules.sa.ruleset import load
+
+    (tmp_path / "main.cf").write_text("include extra.inc\nheader A Subject =~ /x/\n")
+    (tmp_path / "extra.inc").write_text("include main.cf\nheader B Subject =~ /y/\n")
+    rs = load([str(tmp_path / "main.cf")])
+    assert {"A", "B"} <= set(rs.rules)
+    assert any("include loop" in p for p in rs.problems)
+
+
+def test_unusable_rules_are_skipped_with_file_and_line():
+    rs = load_text("body OK /fine/\nbody K1 /foo\\Kbar/\nbody E1 eval:check_stock_info()\n"
+                   "body BAD /unterminated\nheader BADH Subject =~ /x/ [if-unset: y]\n"
+                   "body LB /(?<=a+)b/\n", path="local.cf")
+    assert set(rs.rules) == {"OK", "BADH"}
+    reasons = {n: (s.source, s.reason, s.regex) for n, s in rs.skipped.items()}
+    assert reasons["K1"][0] == "local.cf:2" and "\\K" in reasons["K1"][1] and reasons["K1"][2]
+    assert reasons["E1"][0] == "local.cf:3" and "not implemented" in reasons["E1"][1]
+    assert not reasons["E1"][2]  # an eval, not a regex rule
+    assert reasons["BAD"][0] == "local.cf:4"
+    assert "look-behind" in reasons["LB"][1] or "lookbehind" in reasons["LB"][1]
+
+
+def test_dnsbl_evals_read_the_gateway_dnsbl_answers():
+    rs = load_text("header __RCVD_IN_ZEN eval:check_rbl('zen', 'zen.test.')\n"
+                   "header RCVD_IN_SBL eval:check_rbl_sub('zen', '127.0.0.2')\n"
+                   "header RCVD_IN_XBL eval:check_rbl('zen-lastexternal', 'zen.test.', '^127\\.0\\.0\\.[4-7]$')\n"
+                   "header RCVD_IN_BITS eval:check_rbl_sub('zen', '8')\n"
+                   "meta RCVD_IN_ZEN_ANY __RCVD_IN_ZEN\n")
+    engine = Engine(rs)
+    view = MessageView(PLAIN)
+    assert engine.run(view, EvalContext(view, dnsbl={})) == {}
+    hits = engine.run(view, EvalContext(view, dnsbl={"zen.test": ["127.0.0.2"]}))
+    assert set(hits) == {"__RCVD_IN_ZEN", "RCVD_IN_ZEN_ANY", "RCVD_IN_SBL"}
+    hits = engine.run(view, EvalContext(view, dnsbl={"zen.test": ["127.0.0.4", "127.0.0.10"]}))
+    assert set(hits) == {"__RCVD_IN_ZEN", "RCVD_IN_ZEN_ANY", "RCVD_IN_XBL", "RCVD_IN_BITS"}
+
+
+def test_gtube_rule_is_evaluated_but_not_reported_when_owned_elsewhere():
+    rs = load_text("body GTUBE /XJS\\*C4JDBQADN1\\.NSBN3\\*2IDNEN\\*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL\\*C\\.34X/\n"
+                   "score GTUBE 1000\nmeta GTUBE_SEEN GTUBE\nscore GTUBE_SEEN 0.1\n")
+    engine = Engine(rs, owned_elsewhere={"GTUBE"})
+    raw = msg("Subject: t", "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n")
+    hits = engine.run(MessageView(raw))
+    assert {"GTUBE", "GTUBE_SEEN"} <= set(hits)
+    assert [h.name for h in hits_report(engine, hits)] == ["GTUBE_SEEN"]
+
+
+def test_meta_cycle_is_skipped_not_fatal():
+    rs = load_text("meta A B\nmeta B A\nheader C Subject =~ /locked/i\n")
+    engine = Engine(rs)
+    assert set(engine.run(MessageView(SPAMMY))) == {"C"}
+    assert "circular" in (rs.skipped.get("A") or rs.skipped.get("B")).reason
+
+
+def test_broken_message_never_raises():
+    rs = load_text("body B /x/\nrawbody R /x/\nheader H Subject =~ /x/\nuri U /x/\nfull F /x/\n"
+                   "body E eval:html_range('length', '0', '10')\n")
+    engine = Engine(rs)
+    for raw in (b"", b"\x00\xff\xfe", b"Subject: =?bogus?Q?x?=\r\n\r\n<html><a href=", b"no headers at all"):
+        engine.run(MessageView(raw))
