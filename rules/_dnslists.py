@@ -121,6 +121,7 @@ class Zone:
 class Listing:
     zone: Zone
     results: tuple  # Result records
+    answers: tuple = ()  # the A records, as text
 
 
 def reversed_ip(ip) -> str:
@@ -162,7 +163,7 @@ def read_answer(zone: Zone, records, check: str, query: str):
         if r.symbol not in seen:
             seen.add(r.symbol)
             unique.append(r)
-    return Listing(zone, tuple(unique))
+    return Listing(zone, tuple(unique), tuple(str(a) for a in sorted(set(addrs))))
 
 
 async def query_zone(resolver, zone: Zone, name: str, check: str):
@@ -177,7 +178,8 @@ async def query_zone(resolver, zone: Zone, name: str, check: str):
 
 
 async def query_zones(resolver, jobs: list[tuple[Zone, str]], check: str, total_timeout: float) -> list:
-    """All zones at once; whatever has not answered within ``total_timeout`` is Failed."""
+    """All zones at once, one outcome per job in job order (Listing, Failed, or None
+    for not listed); whatever has not answered within ``total_timeout`` is Failed."""
     if not jobs:
         return []
     tasks = [asyncio.ensure_future(query_zone(resolver, z, name, check)) for z, name in jobs]
@@ -190,7 +192,7 @@ async def query_zones(resolver, jobs: list[tuple[Zone, str]], check: str, total_
             out.append(Failed(check, f"{zone.name}: no answer within {total_timeout:g}s"))
         elif task.exception() is not None:
             out.append(Failed(check, f"{zone.name}: {task.exception()!r}"))
-        elif task.result() is not None:
+        else:
             out.append(task.result())
     return out
 
@@ -201,6 +203,6 @@ def flatten(outcomes) -> list:
     for o in outcomes:
         if isinstance(o, Listing):
             out.extend(o.results)
-        else:
+        elif o is not None:
             out.append(o)
     return out

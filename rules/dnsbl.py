@@ -11,8 +11,9 @@ fails, or answers with an error code (127.255.255.x) or outside its
 zones) when the client is listed on at least ``reject_count`` zones that
 have a positive score and ``reject = true``, unless a DNSWL zone lists it
 too or ``[lists]`` allows the client, sender or recipient; postscreen's
-"reject when listed on N lists".  It asks the same questions again, which
-the resolver's cache answers.
+"reject when listed on N lists".  It reuses what ``dnsbl`` found for this
+transaction (``txn.state``), so a zone that timed out at MAIL costs no
+second wait; without it (dnsbl disabled) it asks itself.
 
 Neither applies to trusted networks or authenticated sessions
 (``session.may_relay``); that is why the scores come at MAIL, once the
@@ -37,6 +38,10 @@ class RblSettings(Section):
     reject_count: int = Field(0, ge=0)
     # total time for all zones of one client, seconds
     timeout: float = Field(5.0, gt=0, le=60)
+
+
+STATE_KEY = "dnsbl_outcomes"  # txn.state: (client ip, {zone: Listing | Failed | None}) from MAIL
+PUBLIC_KEY = "dnsbl"  # txn.state: {zone: {"a": [answers], "txt": []}} for content rules
 
 
 def build_zones(settings: RblSettings) -> list[Zone]:
@@ -68,7 +73,15 @@ class Dnsbl(Check):
     async def check(self, txn):
         if txn.session.may_relay:
             return []
-        outcomes = await query_zones(self.resolver, jobs_for(self.zones, txn.session.ip), self.name, self.timeout)
+        jobs = jobs_for(self.zones, txn.session.ip)
+        outcomes = await query_zones(self.resolver, jobs, self.name, self.timeout)
+        # dnsbl_reject at RCPT reads these instead of asking (and maybe waiting) again
+        txn.state[STATE_KEY] = (str(txn.session.ip), {z.name: o for (z, _), o in zip(jobs, outcomes)})
+        # for DATA-stage rules (SpamAssassin's check_rbl): {zone: {"a": [answers]}} of listed zones
+        listed = txn.state.setdefault(PUBLIC_KEY, {})
+        for o in outcomes:
+            if isinstance(o, Listing):
+                listed[o.zone.name] = {"a": list(o.answers), "txt": []}
         return flatten(outcomes)
 
 
@@ -94,7 +107,15 @@ class DnsblReject(Check):
     async def check(self, txn):
         if txn.session.may_relay or (self.lists is not None and self.lists.allowed(txn)):
             return []
-        outcomes = await query_zones(self.resolver, jobs_for(self.zones, txn.session.ip), self.name, self.timeout)
+        jobs = jobs_for(self.zones, txn.session.ip)
+        known = txn.state.get(STATE_KEY)
+        if known is not None and known[0] == str(txn.session.ip):
+            seen = known[1]
+            outcomes = [seen[z.name] for z, _ in jobs if z.name in seen]
+            jobs = [(z, n) for z, n in jobs if z.name not in seen]
+        else:
+            outcomes = []
+        outcomes += await query_zones(self.resolver, jobs, self.name, self.timeout)
         listings = [o for o in outcomes if isinstance(o, Listing)]
         if any(li.zone.is_allow_list for li in listings):
             return []

@@ -179,3 +179,70 @@ def test_bad_zone_settings_are_refused(zone, problem):
 
     with pytest.raises(ConfigError, match=problem):
         validate({"rbl": {"zones": [zone]}}, dnsbl.SECTIONS)
+
+
+# --- end to end through `mailgate run` -----------------------------------------
+
+E2E_RBL = """
+[rbl]
+zones = [ { zone = "zen.test", score = 3.5 }, { zone = "bl.test", score = 3.0 } ]
+reject_count = 2
+timeout = 1.5
+"""
+HAM = b"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+E2E_ZONES = {
+    "zen.test": ("ip4set", ":127.0.0.2:Listed $\n127.0.0.2\n127.0.0.5\n127.0.0.4 :127.0.0.4:Exploited host $\n"),
+    "bl.test": ("ip4set", ":127.0.0.2:Blocked $\n127.0.0.2\n127.0.0.5\n"),
+}
+
+
+def send_from(gw, source):
+    with gw.smtp(source_address=source) as c:
+        c.ehlo("client.sender.test")
+        return c.sendmail("alice@sender.test", ["bob@example.test"], HAM)
+
+
+def test_e2e_reject_count_through_mailgate_run(dns_servers, mailgate, sink):  # noqa: F811
+    from tests.support.gateway import default_records
+
+    rbl = dns_servers.rbldnsd(E2E_ZONES)
+    dns = dns_servers.dnsmasq(default_records(), forward={z: rbl for z in E2E_ZONES})
+    gw = mailgate(E2E_RBL, dns=dns.nameserver)
+    # a client on both zones: refused at RCPT, naming the zones
+    with gw.smtp(source_address="127.0.0.2") as c:
+        c.ehlo("client.sender.test")
+        assert c.mail("alice@sender.test")[0] == 250
+        code, text = c.rcpt("bob@example.test")
+        assert code == 554 and b"5.7.1" in text and b"zen.test, bl.test" in text
+    # an unlisted client passes untouched
+    assert send_from(gw, "127.0.0.1") == {}
+    assert sink.wait_for(1)
+    assert b"RBL_" not in sink.messages[0].data
+    # one zone is below reject_count: accepted, carrying the zone's score
+    assert send_from(gw, "127.0.0.4") == {}
+    assert sink.wait_for(2)
+    assert b"RBL_ZEN_TEST=3.5" in sink.messages[1].data
+    # the DNSBL server goes down: a listed client not yet in any cache is not refused
+    rbl.stop()
+    assert send_from(gw, "127.0.0.5") == {}
+    assert sink.wait_for(3)
+
+
+def test_reject_reuses_what_the_mail_stage_found(dns_servers):  # noqa: F811
+    dns, rbl = start_world(dns_servers)
+    score = build(dns, Dnsbl, timeout=1.0, resolver_timeout=3.0, zones=[ZEN, BL])
+    reject = build(dns, DnsblReject, timeout=1.0, resolver_timeout=3.0, zones=[ZEN, BL], reject_count=2)
+    t = txn("192.0.2.66")
+    assert len(results(asyncio.run(score.check(t)))) == 2
+    rbl.stop()  # asking again now would fail: the answer must come from the MAIL stage
+    assert asyncio.run(reject.check(t))[0].refuse == "rbl"
+    other = txn("192.0.2.66")
+    assert asyncio.run(reject.check(other)) == []  # a transaction without MAIL-stage results asks itself
+
+
+def test_listings_are_shared_with_content_rules(world):
+    t = txn("198.51.100.7")
+    asyncio.run(build(world, Dnsbl, zones=[ZEN, BL]).check(t))
+    assert t.state["dnsbl"] == {"zen.test": {"a": ["127.0.0.4"], "txt": []}}
