@@ -244,3 +244,29 @@ def test_callout_silent_downstream_times_out_and_tempfails():
 def test_callout_needs_an_smtp_route():
     with pytest.raises(ConfigError, match="smtp: route"):
         build({"verify": "callout"}, routes={"*": "mx"}, domains=("example.test",))
+
+
+# --- end to end through `mailgate run` -------------------------------------------
+
+
+def test_e2e_unknown_user_gets_550_511_by_callout(mailgate, sink):
+    sink.known_users = {"bob@example.test"}
+    gw = mailgate('[recipients]\nverify = "callout"\n[recipients.callout]\ntimeout = 5.0\n')
+    with gw.smtp() as c:
+        c.ehlo("client.sender.test")
+        assert c.mail("alice@sender.test")[0] == 250
+        code, text = c.rcpt("nobody@example.test")
+        assert code == 550 and text.startswith(b"5.1.1")
+        assert c.rcpt("bob@example.test")[0] == 250
+        assert c.data(b"Subject: hi\r\n\r\nhello\r\n")[0] == 250
+    assert sink.wait_for(1)
+    assert sink.messages[0].rcpt_tos == ["bob@example.test"]
+    # the downstream goes away: known answers come from the cache, new ones tempfail
+    sink.stop()
+    with gw.smtp() as c:
+        c.ehlo("client.sender.test")
+        assert c.mail("alice@sender.test")[0] == 250
+        assert c.rcpt("nobody@example.test")[0] == 550
+        assert c.rcpt("bob@example.test")[0] == 250
+        code, text = c.rcpt("carol@example.test")
+        assert code == 451 and text.startswith(b"4.4.3")
