@@ -125,7 +125,7 @@ class QueueManager:
         if data is None:
             data = yield self.run_in_thread(self.spool.read, queue_id)
         pending = [r.address for r in entry.pending]
-        outcomes = yield self.deliverer.deliver(queue_id, entry.sender, pending, data)
+        outcomes = yield self.deliverer.deliver(queue_id, entry.sender, pending, data, arrival=entry.arrival)
         now = self.reactor.seconds()
         by_rcpt = {o.recipient: o for o in outcomes}
         bounced: list = []

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import sys
 
-from tests.support.gateway import mailgate_factory
-from tests.support.sink import sink  # noqa: F401  (re-exported fixture)
+# The gateway runs on Twisted's asyncio reactor (dnspython's async resolver
+# needs it); install it before anything imports twisted.internet.reactor.
+if "twisted.internet.reactor" not in sys.modules:
+    from twisted.internet import asyncioreactor
+
+    _loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(_loop)
+    asyncioreactor.install(_loop)
+
+import pytest  # noqa: E402
+
+from tests.support.gateway import mailgate_factory  # noqa: E402
+from tests.support.sink import sink  # noqa: E402,F401  (re-exported fixture)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ class ScriptedDeliverer:
         self.script = list(script)
         self.calls = []
 
-    def deliver(self, queue_id, sender, recipients, data):
+    def deliver(self, queue_id, sender, recipients, data, arrival=None):
         self.calls.append((queue_id, sender, list(recipients), data))
         status = self.script.pop(0) if self.script else "sent"
         code = {"sent": 250, "deferred": 451, "failed": 550}[status]
@@ -77,7 +77,7 @@ def test_temporary_failure_retries_with_backoff(tmp_path):
 
 def test_permanent_failure_bounces_to_the_sender_only_for_that_recipient(tmp_path):
     class Split(ScriptedDeliverer):
-        def deliver(self, queue_id, sender, recipients, data):
+        def deliver(self, queue_id, sender, recipients, data, arrival=None):
             self.calls.append((queue_id, sender, list(recipients), data))
             return defer.succeed([Outcome(r, "failed" if r.startswith("bob") else "sent", 550 if r.startswith("bob")
                                           else 250, "5.1.1 no such user" if r.startswith("bob") else "ok")
@@ -136,7 +136,7 @@ def test_stop_waits_for_attempts_under_way(tmp_path):
     pending = defer.Deferred()
 
     class Slow:
-        def deliver(self, *a):
+        def deliver(self, *a, **kw):
             return pending
 
     q, clock = manager(tmp_path, Slow())

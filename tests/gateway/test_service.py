@@ -24,6 +24,10 @@ HAM = (b"From: Alice <alice@sender.test>\r\nTo: bob@example.test\r\nSubject: lun
        b"\r\nShall we meet at noon?\r\n\r\n-- \r\nAlice\r\n")
 
 
+# what the gateway adds; everything else must arrive byte for byte
+OUR_HEADERS = (b"Received: from ", b"X-Spam-", b"Authentication-Results: mx.gateway.test;", b"X-Virus-Scanned:")
+
+
 def send(gw, body=HAM, sender="alice@sender.test", rcpts=("bob@example.test",), **kw):
     with gw.smtp(**kw) as c:
         return c.sendmail(sender, list(rcpts), body)
@@ -51,12 +55,12 @@ def test_ham_passes_untouched_but_for_our_headers(mailgate, sink):
     head, _, body = got.data.partition(b"\r\n\r\n")
     assert body == b"Shall we meet at noon?\r\n\r\n-- \r\nAlice\r\n"
     ours = [l for l in head.split(b"\r\n") if not l.startswith((b"\t", b" "))]
-    theirs = [l for l in ours if not l.startswith((b"Received:", b"X-Spam-"))]
+    theirs = [l for l in ours if not l.startswith(OUR_HEADERS)]
     assert theirs == [b"From: Alice <alice@sender.test>", b"To: bob@example.test", b"Subject: lunch",
                       b"Date: Sat, 28 Nov 2026 10:00:00 +0000", b"Message-ID: <lunch-1@sender.test>"]
     msg = headers_of(got.data)
     assert msg.get_all("X-Spam-Flag") is None  # the forged one is gone
-    assert msg["X-Spam-Status"].startswith("No, score=0.0 required=5.0")
+    assert msg["X-Spam-Status"].startswith("No, score=") and float(msg["X-Spam-Score"]) < 5.0
     qid = msg["Received"].split(" id ")[1].split()[0]
     assert f"queue_id={qid}" in gw.log()
 

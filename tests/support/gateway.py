@@ -58,7 +58,7 @@ class GatewayProcess:
         self.log_path = self.workdir / "mailgate.log"
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 20.0) -> "GatewayProcess":
+    def start(self, timeout: float = 60.0) -> "GatewayProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("MAILGATE_CONFIG", None)
         self._log = open(self.log_path, "ab")
@@ -130,7 +130,7 @@ def default_records():
             .mx("sender.test", "mx1.sender.test", 10).a("mx1.sender.test", "127.0.0.1")
             .a("sender.test", "127.0.0.1")
             .mx("example.test", "mail.example.test", 10).a("mail.example.test", "127.0.0.1")
-            .a("client.sender.test", "127.0.0.1"))
+            .a("client.sender.test", "127.0.0.1").ptr("127.0.0.1", "client.sender.test"))
 
 
 def mailgate_factory(tmp_path: Path, sink=None):
