@@ -238,11 +238,15 @@ class BayesCheck(Check):
             log.error("bayes: autolearn could not save %s: %s", self.holder.path, e)
 
     def close(self) -> None:
-        # a reload replaces this check: keep what autolearn learned
+        # a reload replaces this check: keep what autolearn learned (the
+        # write happens in a worker thread, never on the reactor)
         model = self.holder.model
         if self._unsaved and model is not None:
-            with self._learn_lock:
-                self._save(model)
+            self.run_in_thread(self._save_locked, model)
+
+    def _save_locked(self, model: BayesModel) -> None:
+        with self._learn_lock:
+            self._save(model)
 
 
 CHECKS = (BayesCheck,)

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import numpy as np
-from sklearn.feature_extraction.text import HashingVectorizer
-from sklearn.naive_bayes import MultinomialNB
 
 from classifiers.tokenizer import DEFAULT_SETTINGS, TokenizerSettings, tokenize
 from gateway.errors import MailGateError
@@ -111,6 +109,11 @@ class BayesModel:
     """Counts, the estimator built from them, and the learned-message record."""
 
     def __init__(self, settings: ModelSettings = DEFAULT_MODEL_SETTINGS):
+        # scikit-learn costs a second to import: only commands and checks
+        # that use a model pay for it, not every `mailgate` invocation
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.naive_bayes import MultinomialNB
+
         self.settings = settings
         self.vectorizer = HashingVectorizer(
             analyzer=_identity, n_features=settings.n_features, alternate_sign=False,
@@ -319,8 +322,8 @@ class BayesModel:
         digests, dlabels = arrays["digests"], arrays["digest_labels"]
         if digests.ndim != 2 or digests.shape[1] != DIGEST_BYTES or dlabels.shape != (digests.shape[0],):
             raise ModelError(path, "learned-message record has the wrong shape (damaged file)")
-        model.nb.feature_count_ = np.array(fc, dtype=np.float64)
-        model.nb.class_count_ = np.array(cc, dtype=np.float64)
+        model.nb.feature_count_ = fc  # fresh arrays from np.load: no copy needed
+        model.nb.class_count_ = cc
         flat = digests.tobytes()
         model._learned = {flat[i:i + DIGEST_BYTES]: int(lab)
                           for i, lab in zip(range(0, len(flat), DIGEST_BYTES), dlabels)}
@@ -397,7 +400,9 @@ def fit_calibration(settings: ModelSettings, X, labels: np.ndarray, folds: int =
       the bands in between spread like the evidence does;
     - the offset puts P = 0.99, where BAYES_99 starts, at the log-odds that
       only ``target_ham_fp`` of the held-out ham reach.  BAYES_99 therefore
-      means "as spammy as at most 0.1 % of this site's ham", measured.
+      means "as spammy as at most 0.2 % of this site's ham", measured.
+      When held-out spam and ham do not overlap at all, P = 0.5 goes
+      half-way across the gap instead.
 
     Too little data for folds: no calibration (1, 0).
     """
@@ -419,9 +424,14 @@ def fit_calibration(settings: ModelSettings, X, labels: np.ndarray, folds: int =
     if not np.isfinite(a) or a <= 0:
         return (1.0, 0.0)
     ham_z = np.sort(z[labels == HAM])[::-1]
-    allowed = int(np.floor(target_ham_fp * len(ham_z)))
+    spam_z = np.sort(z[labels == SPAM])
     # just above the (allowed+1)-th most spam-like held-out ham
-    z99 = float(ham_z[min(allowed, len(ham_z) - 1)]) + 1e-6
+    z99 = float(ham_z[min(int(target_ham_fp * len(ham_z)), len(ham_z) - 1)]) + 1e-6
+    z_spam_low = float(spam_z[min(int(target_ham_fp * len(spam_z)), len(spam_z) - 1)])
+    if z_spam_low > z99:
+        # the held-out classes do not overlap (a small or easy corpus):
+        # P = 0.5 half-way across the gap rather than 0.99 next to the ham
+        return (a, -a * (z99 + z_spam_low) / 2)
     b = float(np.log(0.99 / 0.01)) - a * z99
     return (a, b)
 

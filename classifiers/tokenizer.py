@@ -375,6 +375,12 @@ def _part_text(part, budget: int) -> str:
     cte = str(part.get("content-transfer-encoding", "")).strip().lower()
     # decode only what we will read; base64 is cut at a 4-character boundary
     limit = budget * 2
+    if not payload[:limit].isascii():
+        if cte in ("base64", "quoted-printable"):
+            payload = payload.encode("ascii", "ignore").decode("ascii")  # 8-bit junk in an encoding
+        else:
+            # compat32 has already decoded 8-bit text with the declared charset
+            return payload[:budget]
     if cte == "base64":
         compact = re.sub(r"[^A-Za-z0-9+/]", "", payload[: limit * 2])[: limit // 3 * 4]
         compact = compact[: len(compact) // 4 * 4]
@@ -383,9 +389,9 @@ def _part_text(part, budget: int) -> str:
         except (binascii.Error, ValueError):
             data = b""
     elif cte == "quoted-printable":
-        data = quopri.decodestring(payload[:limit].encode("ascii", "surrogateescape"))
+        data = quopri.decodestring(payload[:limit].encode("ascii"))
     else:
-        data = payload[:limit].encode("ascii", "surrogateescape")
+        data = payload[:limit].encode("ascii")
     charset = part.get_param("charset")
     return _decode_bytes(data, charset if isinstance(charset, str) else None)[:budget]
 
