@@ -120,7 +120,14 @@ class Resolver:
             return hit
         pending = self._inflight.get(key)
         if pending is not None and pending.get_loop() is asyncio.get_running_loop():
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # the caller that sent the query gave up (a DNSBL time bound), we did not
+                return await self.query(name, rdtype)
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:

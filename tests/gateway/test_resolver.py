@@ -170,3 +170,18 @@ def test_bad_name_is_an_outcome_not_an_exception(dns):
     lookup = run(r.query("a" * 70 + ".example.test", "A"))  # label longer than 63
     assert lookup.failed
     assert run(r.query("", "A")).status in (SERVFAIL, NXDOMAIN, NOANSWER, OK)
+
+
+def test_a_waiter_survives_the_sender_giving_up(dns):
+    r = resolver_for(dns)
+
+    async def go():
+        first = asyncio.ensure_future(r.query("mail.example.test", "A"))
+        await asyncio.sleep(0)  # the first query is on the wire
+        second = asyncio.ensure_future(r.query("mail.example.test", "A"))
+        await asyncio.sleep(0)
+        first.cancel()
+        return await second
+
+    assert run(go()).records == ("192.0.2.25",)
+    assert r.queries == 2  # it joined the first lookup, then asked again itself
