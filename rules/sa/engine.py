@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from rules.sa import evals
-from rules.sa.perlre import guarded
+from rules.sa.perlre import needles, optimise
 from rules.sa.ruleset import Rule, RuleSet, Skipped, meta_names
 
 log = logging.getLogger("mailgate.rules.sa")
@@ -49,6 +49,7 @@ class _Scan:
     multiple: bool
     maxhits: int
     per_unit: bool  # anchors/flags that only make sense on one unit at a time
+    on_lower: bool = False  # a /i regex rewritten to run case-sensitively on lower-cased text
 
 
 class Engine:
@@ -115,15 +116,16 @@ class Engine:
         flags = self.rs.tflags.get(rule.name, set())
         regex = rule.regex
         per_unit = False
+        extra = 0
         if rule.kind in _UNIT_KINDS:
             pattern = regex.pattern
             per_unit = bool(regex.flags & re.DOTALL) or b"\\A" in pattern or b"\\Z" in pattern
-            if not regex.flags & re.MULTILINE:
-                regex = re.compile(pattern, regex.flags | re.MULTILINE)
-        if rule.kind in _UNIT_KINDS or rule.kind == "full":
-            regex = guarded(regex)
+            extra = re.MULTILINE  # ^ and $ at each paragraph (line, URI) of the joined text
+        if rule.needles is None:
+            rule.needles = needles(regex)
+        regex, on_lower = optimise(regex, top_guard=rule.kind != "header", extra_flags=extra)
         return _Scan(rule, regex, rule.needles, "multiple" in flags,
-                     self.rs.maxhits.get(rule.name, 0), per_unit)
+                     self.rs.maxhits.get(rule.name, 0), per_unit, on_lower=on_lower)
 
     def _compile_metas(self, metas: list[Rule]):
         by_name = {r.name: r for r in metas}
@@ -206,15 +208,16 @@ class Engine:
     def _run_headers(self, view, hits) -> None:
         for (header, modifier), scans in self.headers.items():
             value = view.header(header, modifier)
+            value_low = value.lower() if value is not None else None
             for scan in scans:
-                v = value
+                v, low = value, value_low
                 if v is None:
                     v = scan.rule.if_unset if scan.rule.if_unset is not None else b""
-                if scan.needles is not None and not scan.rule.negate:
                     low = v.lower()
-                    if not any(n in low for n in scan.needles):
+                if scan.needles is not None and not scan.rule.negate:
+                    if not any(map(low.__contains__, scan.needles)):
                         continue
-                found = scan.regex.search(v) is not None
+                found = scan.regex.search(low if scan.on_lower else v) is not None
                 if found != scan.rule.negate:
                     hits[scan.rule.name] = 1
         for rule in self.exists:
@@ -224,7 +227,10 @@ class Engine:
             for scan in self.mimeheaders:
                 raw = "raw" in scan.rule.modifier
                 for h in scan.rule.headers:
-                    if any(scan.regex.search(v) for v in view.mime_header(h, raw)) != scan.rule.negate:
+                    values = view.mime_header(h, raw)
+                    if scan.on_lower:
+                        values = [v.lower() for v in values]
+                    if any(scan.regex.search(v) for v in values) != scan.rule.negate:
                         hits[scan.rule.name] = 1
                         break
 
@@ -233,20 +239,22 @@ class Engine:
         if not text:
             return
         low = text.lower()
-        unit_list = None
+        unit_lists: dict[bool, list] = {}
+
+        def unit_list(lower: bool) -> list:
+            if lower not in unit_lists:
+                unit_lists[lower] = [u.lower() for u in units()] if lower else units()
+            return unit_lists[lower]
+
         for scan in scans:
-            if scan.needles is not None and not any(n in low for n in scan.needles):
+            if scan.needles is not None and not any(map(low.__contains__, scan.needles)):
                 continue
             if scan.per_unit and kind != "full":
-                if unit_list is None:
-                    unit_list = units()
-                n = _count_units(scan, unit_list)
+                n = _count_units(scan, unit_list(scan.on_lower))
             else:
-                n = _count_joined(scan, text, kind)
+                n = _count_joined(scan, low if scan.on_lower else text, kind)
                 if n < 0:
-                    if unit_list is None:
-                        unit_list = units()
-                    n = _count_units(scan, unit_list)
+                    n = _count_units(scan, unit_list(scan.on_lower))
             if n:
                 hits[scan.rule.name] = n
 

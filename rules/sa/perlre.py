@@ -555,3 +555,164 @@ def guarded(compiled: re.Pattern, max_share: int = 128) -> re.Pattern:
                               b"(?=[" + cls + b"])(?:" + body + b")", compiled.flags)
     except re.error:
         return compiled
+
+
+# --- case-insensitive patterns as case-sensitive ones on lower-cased text ---------
+
+_LOWER = bytes(range(256)).lower()
+
+
+class _CannotLower(Exception):
+    pass
+
+
+def _lower_items(data: list) -> list:
+    out = []
+    for op, av in data:
+        if op in (_sre_c.LITERAL, _sre_c.NOT_LITERAL):
+            out.append((op, _LOWER[av]))
+        elif op is _sre_c.IN:
+            items = []
+            for iop, iav in av:
+                if iop is _sre_c.LITERAL:
+                    items.append((iop, _LOWER[iav]))
+                elif iop is _sre_c.RANGE:
+                    lo, hi = iav
+                    items.append((iop, iav))
+                    a, b = max(lo, 0x41), min(hi, 0x5A)
+                    if a <= b:
+                        items.append((iop, (a + 32, b + 32)))
+                else:
+                    items.append((iop, iav))
+            out.append((op, items))
+        elif op is _sre_c.SUBPATTERN:
+            group, add_flags, del_flags, p = av
+            if del_flags & re.IGNORECASE:
+                raise _CannotLower()
+            p.data = _lower_items(p.data)
+            out.append((op, (group, add_flags & ~re.IGNORECASE, del_flags, p)))
+        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, p = av
+            p.data = _lower_items(p.data)
+            out.append((op, (lo, hi, p)))
+        elif op is _sre_c.BRANCH:
+            for alt in av[1]:
+                alt.data = _lower_items(alt.data)
+            out.append((op, av))
+        elif op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
+            av[1].data = _lower_items(av[1].data)
+            out.append((op, av))
+        elif op is _sre_c.ATOMIC_GROUP:
+            av.data = _lower_items(av.data)
+            out.append((op, av))
+        elif op is _sre_c.GROUPREF_EXISTS:
+            group, yes, no = av
+            yes.data = _lower_items(yes.data)
+            if no is not None:
+                no.data = _lower_items(no.data)
+            out.append((op, av))
+        elif op in (_sre_c.AT, _sre_c.ANY, _sre_c.GROUPREF, _sre_c.CATEGORY):
+            out.append((op, av))
+        else:
+            raise _CannotLower()
+    return out
+
+
+def lowered(compiled: re.Pattern) -> Optional[re.Pattern]:
+    """For a case-insensitive bytes pattern: an equivalent case-sensitive
+    pattern to run on ``text.lower()``, or None when there is none.
+
+    Python's matcher skips alternatives of a big alternation by their first
+    literal, and scans for a literal prefix, only for case-sensitive
+    patterns; SpamAssassin's rules are mostly ``/i``.
+    """
+    if not compiled.flags & re.IGNORECASE or not isinstance(compiled.pattern, bytes):
+        return None
+    try:
+        from re import _compiler as _sre_compile
+    except ImportError:  # pragma: no cover
+        import sre_compile as _sre_compile  # type: ignore
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = _sre_parse.parse(compiled.pattern, compiled.flags)
+            tree.data = _lower_items(tree.data)
+            tree.state.flags &= ~re.IGNORECASE
+            return _sre_compile.compile(tree, compiled.flags & ~re.IGNORECASE)
+    except (_CannotLower, re.error, RecursionError, TypeError, ValueError):
+        return None
+
+
+# --- one optimised pattern per rule ---------------------------------------------
+
+MIN_BRANCH_GUARD = 3
+
+
+def _guard_node(first: set, state):
+    items = [(_sre_c.LITERAL, c) for c in sorted(first)]
+    return (_sre_c.ASSERT, (1, _sre_parse.SubPattern(state, [(_sre_c.IN, items)])))
+
+
+def _add_guards(p, icase: bool, state, depth: int = 0) -> None:
+    """Put a first-byte lookahead before each big alternation of ``p``."""
+    if depth > 50:
+        return
+    data = []
+    for op, av in p.data:
+        if op is _sre_c.BRANCH and len(av[1]) >= MIN_BRANCH_GUARD:
+            first, nullable = _first([(op, av)], icase)
+            if first and not nullable and len(first) <= 160:
+                data.append(_guard_node(first, state))
+        data.append((op, av))
+        if op is _sre_c.SUBPATTERN:
+            _add_guards(av[-1], icase or bool(av[1] & re.IGNORECASE), state, depth + 1)
+        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", None)):
+            _add_guards(av[2], icase, state, depth + 1)
+        elif op is _sre_c.BRANCH:
+            for alt in av[1]:
+                _add_guards(alt, icase, state, depth + 1)
+        elif op is _sre_c.ATOMIC_GROUP:
+            _add_guards(av, icase, state, depth + 1)
+    p.data = data
+
+
+def optimise(compiled: re.Pattern, top_guard: bool = True, extra_flags: int = 0) -> tuple[re.Pattern, bool]:
+    """(pattern, runs on lower-cased text): the same matches, found faster.
+
+    A ``/i`` pattern becomes a case-sensitive one for lower-cased text
+    (Python skips alternatives by their first literal, and scans for a
+    literal prefix, only without IGNORECASE); big alternations and the
+    pattern itself get a lookahead on the bytes they can start with.
+    """
+    try:
+        from re import _compiler as _sre_compile
+    except ImportError:  # pragma: no cover
+        import sre_compile as _sre_compile  # type: ignore
+    if not isinstance(compiled.pattern, bytes):
+        return compiled, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flags = compiled.flags | extra_flags
+            tree = _sre_parse.parse(compiled.pattern, flags)
+            on_lower = False
+            if flags & re.IGNORECASE:
+                try:
+                    tree.data = _lower_items(tree.data)
+                    tree.state.flags &= ~re.IGNORECASE
+                    flags &= ~re.IGNORECASE
+                    on_lower = True
+                except _CannotLower:
+                    tree = _sre_parse.parse(compiled.pattern, flags)
+            icase = bool(flags & re.IGNORECASE)
+            _add_guards(tree, icase, tree.state)
+            if top_guard:
+                first, nullable = _first(list(tree.data), icase)
+                if first and not nullable and len(first) <= 128 and not (
+                        tree.data and tree.data[0][0] is _sre_c.ASSERT):
+                    tree.data = [_guard_node(first, tree.state)] + list(tree.data)
+            return _sre_compile.compile(tree, flags), on_lower
+    except (re.error, RecursionError, TypeError, ValueError, AttributeError):
+        if extra_flags:
+            return re.compile(compiled.pattern, compiled.flags | extra_flags), False
+        return compiled, False

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from rules.sa import evals
-from rules.sa.perlre import Unsupported, compile_perl, needles, parse_literal
+from rules.sa.perlre import Unsupported, compile_perl, parse_literal
 
 # The version we claim in ``if (version >= ...)``: the rule syntax of
 # SpamAssassin 4.0.1 is what we read.
@@ -447,7 +447,6 @@ def finish(rs: RuleSet) -> RuleSet:
             del rs.rules[name]
             rs.skipped[name] = Skipped(name, rule.kind, rule.source, str(e), regex=True)
             continue
-        rule.needles = needles(rule.regex)
     for name, rule in list(rs.rules.items()):
         if rule.kind == "meta":
             try:

@@ -1,0 +1,149 @@
+"""Cost of the SpamAssassin-compatible rules engine per message.
+
+    python -m tools.bench_rules [--corpus DIR] [--messages N]
+
+Messages of 4-6 KB are taken from the SpamAssassin public corpus tarballs
+(default ``../shared/corpus/spamassassin`` beside the repository, or
+``$MAILGATE_CORPUS``), extracted into a temporary directory that is removed
+afterwards; without the corpus, generated 5 KB messages are used.  Each rule
+set is loaded once, then every message is judged on one core (the process
+is pinned to one CPU where the OS allows) and the median and 90th percentile
+are printed, with the share of regex rules skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import tarfile
+import tempfile
+import time
+
+SIZE_MIN, SIZE_MAX = 4000, 6000
+TARBALLS = ("20030228_spam.tar.bz2", "20030228_easy_ham.tar.bz2", "20050311_spam_2.tar.bz2")
+
+
+def default_corpus() -> str:
+    env = os.environ.get("MAILGATE_CORPUS")
+    if env:
+        return env
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(repo), "shared", "corpus", "spamassassin")
+
+
+def corpus_messages(corpus: str, limit: int) -> list[bytes]:
+    """Up to ``limit`` 4-6 KB messages from the corpus tarballs (spam and ham alternating)."""
+    if not os.path.isdir(corpus):
+        return []
+    tmp = tempfile.mkdtemp(prefix="mailgate-bench-rules-")
+    try:
+        groups = []
+        for name in TARBALLS:
+            path = os.path.join(corpus, name)
+            if not os.path.exists(path):
+                continue
+            with tarfile.open(path) as tar:
+                members = [m for m in tar.getmembers()
+                           if m.isfile() and SIZE_MIN <= m.size <= SIZE_MAX and not m.name.endswith("cmds")]
+                tar.extractall(tmp, members=members, filter="data")
+            groups.append([os.path.join(tmp, m.name) for m in sorted(members, key=lambda m: m.name)])
+        out: list[bytes] = []
+        for i in range(max((len(g) for g in groups), default=0)):
+            for g in groups:
+                if i < len(g) and len(out) < limit:
+                    with open(g[i], "rb") as f:
+                        out.append(f.read())
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+WORDS = ("offer free account verify click here money business report meeting please attached "
+         "price order today limited time winner team project schedule thanks regards").split()
+
+
+def generated_messages(n: int) -> list[bytes]:
+    rnd = random.Random(5)
+    out = []
+    for i in range(n):
+        body = []
+        while sum(len(line) for line in body) < 4600:
+            body.append(" ".join(rnd.choice(WORDS) for _ in range(12)) + "\r\n")
+            if rnd.random() < 0.15:
+                body.append("\r\n")
+            if rnd.random() < 0.05:
+                body.append(f"http://www{i}.example{rnd.randint(1, 50)}.test/p?id={rnd.randint(1, 9999)}\r\n")
+        head = (f"From: sender{i}@example.test\r\nTo: rcpt@example.test\r\nSubject: {rnd.choice(WORDS)} {i}\r\n"
+                f"Date: Sat, 28 Nov 2026 19:00:00 +0000\r\nMessage-ID: <{i}@example.test>\r\n"
+                "Content-Type: text/plain; charset=us-ascii\r\n\r\n")
+        out.append(head.encode() + "".join(body).encode())
+    return out
+
+
+def measure(dirs: list[str], messages: list[bytes]) -> dict:
+    from rules.sa.engine import Engine, hits_report
+    from rules.sa.message import MessageView
+    from rules.sa.ruleset import load
+
+    t0 = time.perf_counter()
+    rs = load(dirs)
+    engine = Engine(rs)
+    load_s = time.perf_counter() - t0
+    regex_loaded = sum(1 for r in rs.rules.values() if r.regex is not None)
+    regex_skipped = sum(1 for s in rs.skipped.values() if s.regex)
+    for raw in messages[:5]:  # warm caches (public suffix list, lazy imports)
+        engine.run(MessageView(raw))
+    times = []
+    hits = 0
+    for raw in messages:
+        t = time.perf_counter()
+        report = hits_report(engine, engine.run(MessageView(raw)))
+        times.append((time.perf_counter() - t) * 1000)
+        hits += len(report)
+    times.sort()
+    return {
+        "rules": len(rs.rules), "active": len(engine.active), "load_s": load_s,
+        "skipped_share": 100.0 * regex_skipped / max(regex_loaded + regex_skipped, 1),
+        "median": statistics.median(times) if times else 0.0,
+        "p90": times[int(len(times) * 0.9)] if times else 0.0,
+        "hits": hits / max(len(messages), 1), "n": len(messages),
+        "size": statistics.median(len(m) for m in messages) if messages else 0,
+    }
+
+
+def main(argv=None) -> int:
+    from rules.sa_check import SHIPPED_RULES, stock_dirs
+
+    ap = argparse.ArgumentParser(prog="bench_rules", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default=default_corpus())
+    ap.add_argument("--messages", type=int, default=300)
+    args = ap.parse_args(argv)
+    try:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    except (AttributeError, OSError):
+        pass
+    messages = corpus_messages(args.corpus, args.messages)
+    source = f"corpus {SIZE_MIN // 1000}-{SIZE_MAX // 1000} KB"
+    if not messages:
+        messages = generated_messages(args.messages)
+        source = "generated 5 KB"
+    sets = [("shipped", [SHIPPED_RULES])]
+    if stock_dirs():
+        sets.append(("shipped+stock", [SHIPPED_RULES] + stock_dirs()))
+    print(f"rules engine, {len(messages)} messages ({source}), one core")
+    print(f"{'rule set':<14} {'rules':>6} {'run':>6} {'skip%':>6} {'load s':>7} {'med ms':>7} {'p90 ms':>7} "
+          f"{'msg/s':>7} {'hits':>5}")
+    for label, dirs in sets:
+        r = measure(dirs, messages)
+        rate = 1000.0 / r["median"] if r["median"] else 0.0
+        print(f"{label:<14} {r['rules']:>6} {r['active']:>6} {r['skipped_share']:>6.1f} {r['load_s']:>7.2f} "
+              f"{r['median']:>7.2f} {r['p90']:>7.2f} {rate:>7.0f} {r['hits']:>5.1f}")
+    print("goal: median < 10 ms per 5 KB message with the stock rules; skip% is the share of regex rules skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
