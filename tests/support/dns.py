@@ -76,7 +76,6 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -454,14 +453,6 @@ ZEN_IP4SET = """\
 198.51.100.9 :127.255.255.254:Query refused (public resolver)
 """
 
-
-def udp_port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def envelope_records(ttl: int = 60) -> Records:
