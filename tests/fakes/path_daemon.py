@@ -61,8 +61,10 @@ def main(argv: list[str]) -> int:
     if os.path.exists(path):
         os.unlink(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
+    # the socket appears under its real name only once it accepts connections
+    server.bind(path + ".tmp")
     server.listen(16)
+    os.rename(path + ".tmp", path)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     while True:
         conn, _ = server.accept()
