@@ -236,6 +236,13 @@ def _wait_answering(host: str, port: int, qname: str, proc: subprocess.Popen, wh
     raise RuntimeError(f"{what} did not answer on {host}:{port} within {START_TIMEOUT}s")
 
 
+def _tail(path: Path, n: int = 800) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip()
+    except OSError:
+        return ""
+
+
 def _stop_process(proc: Optional[subprocess.Popen]) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -321,13 +328,15 @@ class Rbldnsd(_Server):
             cmd += ["-u", "rbldns"]  # it refuses to run as root
         cmd += ["-b", f"{self.host}/{self.port}", "-w", str(self.dir), "-t", str(self.ttl), "-n", "-a"]
         cmd += [f"{z}:{kind}:{self._file(z).name}" for z, (kind, _) in self.zones.items()]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # output to a file, not a pipe nobody reads (a full pipe would stall the server)
+        with open(self.dir / "rbldnsd.log", "ab") as log:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         try:
             _wait_answering(self.host, self.port, next(iter(self.zones)), self._proc, "rbldnsd")
         except RuntimeError as e:
-            err = self._proc.stderr.read().decode(errors="replace") if self._proc.poll() is not None else ""
-            self.stop()
-            raise RuntimeError(f"{e}: {err.strip()}") from None
+            why = _tail(self.dir / "rbldnsd.log")
+            self.stop(final=True)
+            raise RuntimeError(f"{e}: {why}") from None
         return self
 
     def set_zone(self, zone: str, kind: str, data: str) -> None:
@@ -393,14 +402,14 @@ class Dnsmasq(_Server):
             return self
         conf = self.dir / "dnsmasq.conf"
         conf.write_text(self.config_text())
-        self._proc = subprocess.Popen([self.program, "-k", f"--conf-file={conf}"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.dir / "dnsmasq.stderr", "ab") as log:
+            self._proc = subprocess.Popen([self.program, "-k", f"--conf-file={conf}"],
+                                          stdout=subprocess.DEVNULL, stderr=log)
         try:
             _wait_answering(self.host, self.port, "in-addr.arpa", self._proc, "dnsmasq")
         except RuntimeError as e:
-            err = self._proc.stderr.read().decode(errors="replace") if self._proc.poll() is not None else ""
             self.stop()
-            raise RuntimeError(f"{e}: {err.strip()}") from None
+            raise RuntimeError(f"{e}: {_tail(self.dir / 'dnsmasq.stderr')}") from None
         return self
 
     def set_records(self, records: Records) -> None:
