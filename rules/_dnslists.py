@@ -14,9 +14,9 @@ import asyncio
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway.config import Domain, Section
 from gateway.records import Failed, Result
@@ -47,14 +47,23 @@ class CodeSettings(Section):
         return _symbol(v)
 
 
+def _code(value):
+    """A code's sub-symbol may be given alone: "127.0.0.2" = "ZEN_SBL" (the zone's score)."""
+    return {"symbol": value} if isinstance(value, str) else value
+
+
+Code = Annotated[CodeSettings, BeforeValidator(_code)]
+
+
 class ZoneSettings(Section):
     zone: Domain
     symbol: str = ""  # "" -> RBL_<ZONE> / RHSBL_<ZONE>
     score: float = 1.0  # negative for allow lists (DNSWL)
-    # exact answers -> sub-symbols, e.g. {"127.0.0.4" = {symbol = "ZEN_XBL", score = 4.0}}
-    codes: dict[str, CodeSettings] = Field(default_factory=dict)
+    # exact answers -> sub-symbols: {"127.0.0.4" = {symbol = "ZEN_XBL", score = 4.0}} or
+    # {"127.0.0.4" = "ZEN_XBL"} (the zone's score)
+    codes: dict[str, Code] = Field(default_factory=dict)
     # bits of the answer's last octet -> sub-symbols (multi-lists such as SURBL: 2, 4, 8...)
-    bits: dict[int, CodeSettings] = Field(default_factory=dict)
+    bits: dict[int, Code] = Field(default_factory=dict)
     # networks a real answer must lie in; anything else is a failure
     answers: list[str] = Field(default_factory=list)
     # counts toward [rbl] reject_count when listed with a positive score

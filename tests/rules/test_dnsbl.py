@@ -246,3 +246,8 @@ def test_listings_are_shared_with_content_rules(world):
     t = txn("198.51.100.7")
     asyncio.run(build(world, Dnsbl, zones=[ZEN, BL]).check(t))
     assert t.state["dnsbl"] == {"zen.test": {"a": ["127.0.0.4"], "txt": []}}
+
+
+def test_code_symbol_shorthand_takes_the_zone_score(world):
+    c = build(world, Dnsbl, zones=[{"zone": "zen.test", "score": 2.0, "codes": {"127.0.0.4": "ZEN_XBL"}}])
+    assert results(run(c, txn("198.51.100.7"))) == [("ZEN_XBL", 2.0)]
