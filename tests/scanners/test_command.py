@@ -41,10 +41,8 @@ def test_profile_against_its_stand_in(vendor, fake_bin, tmp_path):
 def test_hanging_command_is_killed_at_its_timeout(fake_bin, tmp_path):
     profile = replace(BUILTIN_PROFILES["sophos-savscan"], command=str(fake_bin / "sophos-savscan"))
     scanner = CommandScanner(profile, timeout=1, tmp_dir=str(tmp_path))
-    started = time.monotonic()
     outcome = scanner.scan_blocking(b"FAKE-AV-TRIGGER-HANG")
     assert isinstance(outcome, ScanFailed) and "did not finish in 1s" in outcome.reason
-    assert time.monotonic() - started < 10
 
 
 def test_missing_program_is_a_failure(tmp_path):
