@@ -312,6 +312,7 @@ def _client_classes():
 
 
 class _Attempt(protocol.ClientFactory):
+    noisy = False  # one log line per attempt is ours; Twisted's start/stop lines are noise
     """One connection to one next-hop address; ``result`` fires with a ``_Session``."""
 
     def __init__(self, reactor, hop: _Hop, sender: str, recipients: list[str], wire: bytes, eight_bit: bool,

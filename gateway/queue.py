@@ -159,7 +159,7 @@ class QueueManager:
             self.schedule(queue_id, backoff)
         else:
             yield self.run_in_thread(self.spool.remove, queue_id)
-            log.info("queue_id=%s removed sent=%d bounced=%d", queue_id,
+            log.debug("queue_id=%s removed sent=%d bounced=%d", queue_id,
                      sum(r.status == SENT for r in entry.recipients), len(bounced))
 
     def _bounce(self, entry: QueueEntry, failed: list, original: bytes) -> defer.Deferred:

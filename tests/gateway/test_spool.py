@@ -22,14 +22,23 @@ def test_store_read_update_remove(tmp_path):
     assert s.entry("A1") is None and list(s.entries()) == []
 
 
-def test_recover_drops_half_written_messages(tmp_path):
+def test_recover_drops_half_written_messages_and_stale_state(tmp_path):
     s = Spool(str(tmp_path))
     s.store(entry("GOOD"), b"ok")
-    (tmp_path / "messages" / "ORPHAN").write_bytes(b"no envelope: a crash before commit")
-    (tmp_path / "tmp" / "X.partial").write_bytes(b"half")
+    (tmp_path / "tmp" / "X.partial").write_bytes(b"half: a crash before the rename")
+    (tmp_path / "envelopes" / "GONE").write_bytes(entry("GONE").to_json())  # message already removed
     assert [e.queue_id for e in Spool(str(tmp_path)).recover()] == ["GOOD"]
-    assert not (tmp_path / "messages" / "ORPHAN").exists()
-    assert os.listdir(tmp_path / "tmp") == []
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "envelopes") == []
+    assert s.read("GOOD") == b"ok"
+
+
+def test_state_file_wins_over_the_first_line(tmp_path):
+    s = Spool(str(tmp_path))
+    s.store(entry("A2"), b"line1\nline2\n")
+    e = s.entry("A2")
+    e.attempts = 3
+    s.update(e)
+    assert s.entry("A2").attempts == 3 and s.read("A2") == b"line1\nline2\n"
 
 
 def test_ids_are_unique_and_sortable():
