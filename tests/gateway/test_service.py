@@ -84,7 +84,7 @@ def test_gtube_below_reject_threshold_is_tagged_once(mailgate, sink):
     first, second = (headers_of(m.data) for m in sink.messages)
     assert first["Subject"] == "SPAM*** lunch" and second["Subject"] == "SPAM*** lunch"
     assert first["X-Spam-Flag"] == "YES"
-    assert first["X-Spam-Status"].startswith("Yes, score=1000.0 required=5.0 tests=GTUBE=1000")
+    assert first["X-Spam-Status"].startswith("Yes, score=100") and "tests=GTUBE=1000" in first["X-Spam-Status"]
 
 
 @pytest.mark.parametrize("rcpt", ["user@other.test", "user%other.test@example.test",
