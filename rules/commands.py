@@ -36,6 +36,13 @@ def cmd_rules_lint(args) -> int:
         print("skipped:")
         for s in sorted(rs.skipped.values(), key=lambda s: s.source):
             print(f"  {s.source}: {s.name} ({s.kind}): {s.reason}")
+    if rs.disabled:
+        print(f"meta rules off (they name rules defined nowhere, as SpamAssassin switches them off): "
+              f"{len(rs.disabled)}")
+        for line in sorted(rs.disabled.values())[:20]:
+            print(f"  {line}")
+        if len(rs.disabled) > 20:
+            print(f"  ... and {len(rs.disabled) - 20} more")
     if rs.problems:
         print("problems:")
         for p in rs.problems:

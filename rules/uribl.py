@@ -82,6 +82,8 @@ def message_domains(raw: bytes, parsed=None, limit: int = 20, skip=()) -> list[s
     skip = set(skip)
     out: dict[str, None] = {}
     for uri in view.uris:
+        if uri[:7].lower() == "mailto:":
+            continue  # addresses name mail domains, not linked web sites
         host = host_of(uri)
         if host is None:
             continue

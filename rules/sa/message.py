@@ -217,14 +217,16 @@ class MessageView:
 
     def header_values(self, name: str, raw: bool = False) -> list[str]:
         key = name.lower()
-        if key in ("all", "all-trusted", "all-untrusted", "all-internal", "all-external"):
+        # pseudo-headers are matched case-sensitively, as SpamAssassin does:
+        # "exists:MessageID" asks for a (malformed) real header of that name
+        if name in ("ALL", "ALL-TRUSTED", "ALL-UNTRUSTED", "ALL-INTERNAL", "ALL-EXTERNAL"):
             text = "".join(f"{k}: {v if raw else decode_header(v)}\n" for k, v in self._headers)
             return [text] if text else []
-        if key == "tocc":
+        if name == "ToCc":
             return self.header_values("To", raw) + self.header_values("Cc", raw)
-        if key == "envelopefrom":
+        if name == "EnvelopeFrom":
             return [self.envelope_sender] if self.envelope_sender else []
-        if key == "messageid":
+        if name == "MESSAGEID":
             return (self.header_values("Message-Id", raw) + self.header_values("Resent-Message-Id", raw)
                     + self.header_values("X-Message-Id", raw))
         if key.startswith("x-spam-relays-") or key == "x-spam-last-external-relay":

@@ -137,6 +137,8 @@ class RuleSet:
     files: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # syntax trouble, file:line reason
     ignored_directives: int = 0
+    # meta rules switched off because a rule they name is defined nowhere
+    disabled: dict[str, str] = field(default_factory=dict)
 
     def score_of(self, name: str, score_set: int) -> float:
         """The rule's score in the chosen set (SpamAssassin's defaults otherwise)."""
@@ -146,7 +148,7 @@ class RuleSet:
                 return 0.0
             if name.startswith("T_"):
                 return 0.01
-            return 1.0
+            return -1.0 if "nice" in self.tflags.get(name, ()) else 1.0
         if len(values) == 4:
             return values[score_set]
         return values[0]
@@ -454,7 +456,26 @@ def finish(rs: RuleSet) -> RuleSet:
             except ValueError as e:
                 del rs.rules[name]
                 rs.skipped[name] = Skipped(name, "meta", rule.source, str(e), regex=False)
+    _drop_undefined_dependencies(rs)
     return rs
+
+
+def _drop_undefined_dependencies(rs: RuleSet) -> None:
+    """SpamAssassin disables a meta rule that names a rule defined nowhere
+    (a plugin's rule that is not loaded, a rule from a missing file), and
+    so, in turn, the metas that need it.  A rule we skipped still counts as
+    defined: it simply never hits."""
+    changed = True
+    while changed:
+        changed = False
+        for name, rule in list(rs.rules.items()):
+            if rule.kind != "meta":
+                continue
+            missing = [d for d in meta_names(rule.meta) if d not in rs.rules and d not in rs.skipped]
+            if missing:
+                del rs.rules[name]
+                rs.disabled[name] = f"{rule.source}: meta {name} needs undefined {', '.join(missing[:3])}"
+                changed = True
 
 
 _META_TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|(\d+(?:\.\d+)?)|(&&|\|\||==|!=|>=|<=|[-+*/<>()!]))")

@@ -29,6 +29,7 @@ _SCHEME_URI = re.compile(
     r"""(?:https?|ftp)://[^\s<>"'`{}|\\^\[\]]+""", re.I)
 _WWW = re.compile(r"""(?<![\w.@/-])(?:www\d{0,3}|ftp)\.[a-z0-9-]+(?:\.[a-z0-9-]+)+(?:[/?#][^\s<>"'`]*)?""", re.I)
 _MAILTO = re.compile(r"""mailto:[^\s<>"'`]+""", re.I)
+_EMAIL = re.compile(r"""(?<![\w.+=/-])[\w.+=-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+(?![\w-])""", re.I)
 _BARE_DOMAIN = re.compile(
     r"""(?<![\w.@/-])[a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63})*\.(?:com|net|org|info|biz|ru|cn|top|xyz|io|co|us|uk|de|fr|nl|it|es|br|in|jp|pl|su|online|site|club|shop|link|click|ly|me|tk|ml|ga|cf|gq|test)(?:/[^\s<>"'`]*)?(?![\w-])""",
     re.I)
@@ -65,6 +66,9 @@ def extract(texts: Iterable[str], links: Iterable[str] = ()) -> list[str]:
             add(m.group(0))
         for m in _MAILTO.finditer(text):
             add(m.group(0))
+        if "@" in text:
+            for m in _EMAIL.finditer(text):
+                add("mailto:" + m.group(0))  # SpamAssassin lists bare addresses as mailto: URIs
         for m in _WWW.finditer(text):
             add("http://" + m.group(0))
         for m in _BARE_DOMAIN.finditer(text):
