@@ -270,8 +270,10 @@ def _default_for(annotation: Any) -> Any:
 
 def build_model(plugin_sections: dict[str, Any]) -> type[BaseModel]:
     """One model for the whole file: core sections plus those of plugins."""
+    from gateway.store import StoreSettings  # the store module builds on Section, hence here
+
     fields: dict[str, Any] = {}
-    for name, model in {**CORE_SECTIONS, **plugin_sections}.items():
+    for name, model in {**CORE_SECTIONS, "store": StoreSettings, **plugin_sections}.items():
         fields[name] = (model, _default_for(model))
     fields["routes"] = (dict[str, RouteSpec], Field(default_factory=lambda: {"*": Route("mx")}))
     fields["scores"] = (dict[str, float], Field(default_factory=dict))

@@ -22,7 +22,7 @@ from pydantic import Field
 from gateway.config import Duration, Section
 from gateway.plugins import Check
 from gateway.records import Failed, Result, Stage
-from gateway.store import StoreSettings, store_for
+from gateway.store import store_for
 from rules._netkey import client_net
 from rules.lists import access_lists
 
@@ -91,4 +91,4 @@ class Greylist(Check):
 
 CHECKS = (Greylist,)
 # [store] is declared here until the gateway takes it among its core sections
-SECTIONS = {"greylist": GreylistSettings, "store": StoreSettings}
+SECTIONS = {"greylist": GreylistSettings}

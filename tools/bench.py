@@ -1,0 +1,189 @@
+"""`make bench`: throughput end to end with postfix's smtp-source and smtp-sink.
+
+For each concurrency it runs smtp-source straight into smtp-sink (the ceiling
+on this machine) and through `mailgate run` into the same smtp-sink, in the
+same invocation, and prints messages per second for both and their ratio.
+"accepted" counts until smtp-source has its last 250; "delivered" until the
+gateway's queue is empty again.  Then it runs the per-area benchmarks.
+
+Single absolute numbers on a shared machine are noise: compare ratios, and
+run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.ports import free_port  # noqa: E402
+
+AREA_BENCHES = ["tools.bench_envelope", "tools.bench_bayes", "tools.bench_av", "tools.bench_rules"]
+
+
+def program(name: str) -> str:
+    for d in ("", "/usr/sbin/", "/usr/local/sbin/"):
+        path = shutil.which(name) if not d else (d + name if os.access(d + name, os.X_OK) else None)
+        if path:
+            return path
+    sys.exit(f"bench: {name} not found (make bench installs postfix's tools)")
+
+
+def wait_port(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(5)
+                if s.recv(100).startswith(b"220"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on port {port}")
+
+
+def smtp_source(port: int, sessions: int, messages: int, size: int = 5120) -> float:
+    t0 = time.monotonic()
+    subprocess.run([program("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
+                    "-f", "bench@sender.test", "-t", "user@example.test", f"127.0.0.1:{port}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def queue_empty(queue_dir: Path) -> bool:
+    d = queue_dir / "messages"
+    return not d.exists() or not any(d.iterdir())
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Gateway:
+    def __init__(self, workdir: Path, sink_port: int, dns: str, extra: str = ""):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.queue = workdir / "queue"
+        self.config = workdir / "mailgate.toml"
+        self.config.write_text(f"""
+[server]
+listen = ["127.0.0.1:{self.port}"]
+hostname = "mx.bench.test"
+max_connections_per_ip = 1000
+[relay]
+domains = ["example.test"]
+[routes]
+"*" = "smtp:[127.0.0.1]:{sink_port}"
+[dns]
+nameservers = ["{dns}"]
+[queue]
+dir = "{self.queue}"
+[log]
+level = "warning"
+{extra}
+""")
+        self.log = open(workdir / "mailgate.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config)],
+                                     cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_relay(sink_port: int, dns: str, workdir: Path, sessions: list[int], messages: int, label: str,
+              extra: str = "") -> list[tuple]:
+    rows = []
+    gw = Gateway(workdir, sink_port, dns, extra)
+    try:
+        smtp_source(gw.port, 10, 200)  # warm up: imports, caches, JIT-free but page cache
+        while not queue_empty(gw.queue):
+            time.sleep(0.1)
+        for s in sessions:
+            direct = smtp_source(sink_port, s, messages)
+            t0 = time.monotonic()
+            accepted = smtp_source(gw.port, s, messages)
+            while not queue_empty(gw.queue):
+                time.sleep(0.05)
+            delivered = time.monotonic() - t0
+            rows.append((label, s, messages / direct, messages / accepted, messages / delivered,
+                         peak_rss_mb(gw.proc.pid)))
+    finally:
+        gw.stop()
+    return rows
+
+
+def print_rows(rows) -> None:
+    print(f"{'gateway':<22} {'sessions':>8} {'direct msg/s':>13} {'accepted msg/s':>15} {'delivered msg/s':>16} "
+          f"{'ratio':>6} {'peak RSS MB':>12}")
+    for label, s, direct, acc, dlv, rss in rows:
+        print(f"{label:<22} {s:>8} {direct:>13.0f} {acc:>15.0f} {dlv:>16.0f} {dlv / direct:>6.3f} {rss:>12.0f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--sessions", default="20,100")
+    ap.add_argument("--relay-only", action="store_true", help="skip the per-area benchmarks")
+    args = ap.parse_args(argv)
+    sessions = [int(s) for s in args.sessions.split(",")]
+
+    from tests.support.dns import Dnsmasq
+    from tests.support.gateway import default_records
+
+    tmp = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
+    sink_port = free_port()
+    sink = subprocess.Popen([program("smtp-sink"), "-u", "nobody", "-m", "2000", f"127.0.0.1:{sink_port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dns = Dnsmasq(tmp / "dns", default_records().a("mx.bench.test", "127.0.0.1")).start()
+    rows = []
+    try:
+        wait_port(sink_port)
+        print(f"# smtp-source -l 5120 -m {args.messages}; gateway with its default checks "
+              f"(no Bayes model, no virus scanner configured)")
+        rows += run_relay(sink_port, dns.nameserver, tmp / "default", sessions, args.messages, "default checks")
+        rows += run_relay(sink_port, dns.nameserver, tmp / "bare", sessions, args.messages, "relay only",
+                          extra='[checks]\ndisabled = ["' + '", "'.join(_all_checks()) + '"]\n')
+        print_rows(rows)
+    finally:
+        dns.stop(final=True)
+        sink.terminate()
+        sink.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.relay_only:
+        return 0
+    for module in AREA_BENCHES:
+        if not (REPO / (module.replace(".", "/") + ".py")).exists():
+            continue
+        print(f"\n## {module}", flush=True)
+        subprocess.run([sys.executable, "-m", module], cwd=REPO, check=False)
+    return 0
+
+
+def _all_checks() -> list[str]:
+    from gateway.plugins import discover
+
+    return sorted(discover().checks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
