@@ -92,7 +92,7 @@ def measure(dirs: list[str], messages: list[bytes]) -> dict:
     rs = load(dirs)
     engine = Engine(rs)
     load_s = time.perf_counter() - t0
-    regex_loaded = sum(1 for r in rs.rules.values() if r.regex is not None)
+    regex_loaded = sum(1 for r in rs.rules.values() if r.parsed is not None)
     regex_skipped = sum(1 for s in rs.skipped.values() if s.regex)
     for raw in messages[:5]:  # warm caches (public suffix list, lazy imports)
         engine.run(MessageView(raw))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from rules.sa import evals
-from rules.sa.perlre import needles, optimise
+from rules.sa.perlre import optimise_parsed, tree_needles
 from rules.sa.ruleset import Rule, RuleSet, Skipped, meta_names
 
 log = logging.getLogger("mailgate.rules.sa")
@@ -114,16 +114,15 @@ class Engine:
 
     def _scan(self, rule: Rule) -> _Scan:
         flags = self.rs.tflags.get(rule.name, set())
-        regex = rule.regex
+        parsed = rule.parsed
         per_unit = False
         extra = 0
         if rule.kind in _UNIT_KINDS:
-            pattern = regex.pattern
-            per_unit = bool(regex.flags & re.DOTALL) or b"\\A" in pattern or b"\\Z" in pattern
+            per_unit = bool(parsed.flags & re.DOTALL) or b"\\A" in parsed.source or b"\\Z" in parsed.source
             extra = re.MULTILINE  # ^ and $ at each paragraph (line, URI) of the joined text
         if rule.needles is None:
-            rule.needles = needles(regex)
-        regex, on_lower = optimise(regex, top_guard=rule.kind != "header", extra_flags=extra)
+            rule.needles = tree_needles(parsed.tree)
+        regex, on_lower = optimise_parsed(parsed, top_guard=rule.kind != "header", extra_flags=extra)
         return _Scan(rule, regex, rule.needles, "multiple" in flags,
                      self.rs.maxhits.get(rule.name, 0), per_unit, on_lower=on_lower)
 

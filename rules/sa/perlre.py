@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 try:  # Python 3.11+
@@ -504,8 +505,7 @@ def _first(items: list, icase: bool) -> tuple[Optional[set], bool]:
                 return None, False
             return acc | _fold(s, icase), False
         if op is _sre_c.SUBPATTERN:
-            add_flags = av[1]
-            s, nullable = _first(list(av[-1]), icase or bool(add_flags & re.IGNORECASE))
+            s, nullable = _first(list(av[-1]), icase or bool(int(av[1]) & 2))
         elif op is _sre_c.ATOMIC_GROUP:
             s, nullable = _first(list(av), icase)
         elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", None)):
@@ -529,46 +529,25 @@ def _first(items: list, icase: bool) -> tuple[Optional[set], bool]:
     return acc, True
 
 
-def guarded(compiled: re.Pattern, max_share: int = 128) -> re.Pattern:
-    """The same pattern behind a lookahead on its possible first bytes.
-
-    Python's matcher tries every alternative of a big alternation at every
-    position; a one-class lookahead rejects most positions at once.  Returns
-    the pattern unchanged when the first bytes are unknown or too many.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = _sre_parse.parse(compiled.pattern, compiled.flags)
-        first, nullable = _first(list(tree), bool(compiled.flags & re.IGNORECASE))
-    except Exception:
-        return compiled
-    if first is None or nullable or not first or len(first) > max_share:
-        return compiled
-    body = re.sub(rb"^\(\?[aiLmsux]+\)", b"", compiled.pattern)
-    cls = b"".join(b"\\x%02x" % c for c in sorted(first))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return re.compile(b"(?=[" + cls + b"])(?:" + body + b"\n)"
-                              if compiled.flags & re.VERBOSE else
-                              b"(?=[" + cls + b"])(?:" + body + b")", compiled.flags)
-    except re.error:
-        return compiled
-
-
-# --- case-insensitive patterns as case-sensitive ones on lower-cased text ---------
-
 _LOWER = bytes(range(256)).lower()
+_ICASE = int(re.IGNORECASE)
+_SUBPATTERN = _sre_c.SUBPATTERN
+_BRANCH = _sre_c.BRANCH
+_REPEATS = (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", None))
 
 
 class _CannotLower(Exception):
     pass
 
 
-def _lower_items(data: list) -> list:
+def _sub(p, data):
+    return _sre_parse.SubPattern(p.state, data)
+
+
+def _lower_tree(p):
+    """A copy of the tree matching lower-cased text case-sensitively."""
     out = []
-    for op, av in data:
+    for op, av in p.data:
         if op in (_sre_c.LITERAL, _sre_c.NOT_LITERAL):
             out.append((op, _LOWER[av]))
         elif op is _sre_c.IN:
@@ -577,106 +556,123 @@ def _lower_items(data: list) -> list:
                 if iop is _sre_c.LITERAL:
                     items.append((iop, _LOWER[iav]))
                 elif iop is _sre_c.RANGE:
-                    lo, hi = iav
                     items.append((iop, iav))
-                    a, b = max(lo, 0x41), min(hi, 0x5A)
+                    a, b = max(iav[0], 0x41), min(iav[1], 0x5A)
                     if a <= b:
                         items.append((iop, (a + 32, b + 32)))
                 else:
                     items.append((iop, iav))
             out.append((op, items))
         elif op is _sre_c.SUBPATTERN:
-            group, add_flags, del_flags, p = av
-            if del_flags & re.IGNORECASE:
+            group, add_flags, del_flags, sp = av
+            if int(del_flags) & _ICASE:
                 raise _CannotLower()
-            p.data = _lower_items(p.data)
-            out.append((op, (group, add_flags & ~re.IGNORECASE, del_flags, p)))
-        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", None)):
-            lo, hi, p = av
-            p.data = _lower_items(p.data)
-            out.append((op, (lo, hi, p)))
+            out.append((op, (group, int(add_flags) & ~_ICASE, del_flags, _lower_tree(sp))))
+        elif op in _REPEATS:
+            out.append((op, (av[0], av[1], _lower_tree(av[2]))))
         elif op is _sre_c.BRANCH:
-            for alt in av[1]:
-                alt.data = _lower_items(alt.data)
-            out.append((op, av))
+            out.append((op, (av[0], [_lower_tree(alt) for alt in av[1]])))
         elif op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
-            av[1].data = _lower_items(av[1].data)
-            out.append((op, av))
+            out.append((op, (av[0], _lower_tree(av[1]))))
         elif op is _sre_c.ATOMIC_GROUP:
-            av.data = _lower_items(av.data)
-            out.append((op, av))
+            out.append((op, _lower_tree(av)))
         elif op is _sre_c.GROUPREF_EXISTS:
             group, yes, no = av
-            yes.data = _lower_items(yes.data)
-            if no is not None:
-                no.data = _lower_items(no.data)
-            out.append((op, av))
+            out.append((op, (group, _lower_tree(yes), _lower_tree(no) if no is not None else None)))
         elif op in (_sre_c.AT, _sre_c.ANY, _sre_c.GROUPREF, _sre_c.CATEGORY):
             out.append((op, av))
         else:
             raise _CannotLower()
-    return out
+    return _sub(p, out)
 
-
-def lowered(compiled: re.Pattern) -> Optional[re.Pattern]:
-    """For a case-insensitive bytes pattern: an equivalent case-sensitive
-    pattern to run on ``text.lower()``, or None when there is none.
-
-    Python's matcher skips alternatives of a big alternation by their first
-    literal, and scans for a literal prefix, only for case-sensitive
-    patterns; SpamAssassin's rules are mostly ``/i``.
-    """
-    if not compiled.flags & re.IGNORECASE or not isinstance(compiled.pattern, bytes):
-        return None
-    try:
-        from re import _compiler as _sre_compile
-    except ImportError:  # pragma: no cover
-        import sre_compile as _sre_compile  # type: ignore
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = _sre_parse.parse(compiled.pattern, compiled.flags)
-            tree.data = _lower_items(tree.data)
-            tree.state.flags &= ~re.IGNORECASE
-            return _sre_compile.compile(tree, compiled.flags & ~re.IGNORECASE)
-    except (_CannotLower, re.error, RecursionError, TypeError, ValueError):
-        return None
-
-
-# --- one optimised pattern per rule ---------------------------------------------
 
 MIN_BRANCH_GUARD = 3
 
 
-def _guard_node(first: set, state):
+def _guard_node(first: set, p):
     items = [(_sre_c.LITERAL, c) for c in sorted(first)]
-    return (_sre_c.ASSERT, (1, _sre_parse.SubPattern(state, [(_sre_c.IN, items)])))
+    return (_sre_c.ASSERT, (1, _sub(p, [(_sre_c.IN, items)])))
 
 
-def _add_guards(p, icase: bool, state, depth: int = 0) -> None:
-    """Put a first-byte lookahead before each big alternation of ``p``."""
+def _guarded_tree(p, icase: bool, depth: int = 0):
+    """The tree with a first-byte lookahead before each big alternation
+    (a copy where something changed, ``p`` itself otherwise)."""
     if depth > 50:
-        return
+        return p
     data = []
+    changed = False
     for op, av in p.data:
-        if op is _sre_c.BRANCH and len(av[1]) >= MIN_BRANCH_GUARD:
-            first, nullable = _first([(op, av)], icase)
-            if first and not nullable and len(first) <= 160:
-                data.append(_guard_node(first, state))
-        data.append((op, av))
-        if op is _sre_c.SUBPATTERN:
-            _add_guards(av[-1], icase or bool(av[1] & re.IGNORECASE), state, depth + 1)
-        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", None)):
-            _add_guards(av[2], icase, state, depth + 1)
-        elif op is _sre_c.BRANCH:
-            for alt in av[1]:
-                _add_guards(alt, icase, state, depth + 1)
+        if op is _SUBPATTERN:
+            sub = _guarded_tree(av[3], icase or bool(int(av[1]) & _ICASE), depth + 1)
+            if sub is not av[3]:
+                av, changed = (av[0], av[1], av[2], sub), True
+        elif op in _REPEATS:
+            sub = _guarded_tree(av[2], icase, depth + 1)
+            if sub is not av[2]:
+                av, changed = (av[0], av[1], sub), True
+        elif op is _BRANCH:
+            alts = [_guarded_tree(alt, icase, depth + 1) for alt in av[1]]
+            if any(a is not b for a, b in zip(alts, av[1])):
+                av, changed = (av[0], alts), True
+            if len(av[1]) >= MIN_BRANCH_GUARD:
+                first, nullable = _first([(op, av)], icase)
+                if first and not nullable and len(first) <= 160:
+                    data.append(_guard_node(first, p))
+                    changed = True
         elif op is _sre_c.ATOMIC_GROUP:
-            _add_guards(av, icase, state, depth + 1)
-    p.data = data
+            sub = _guarded_tree(av, icase, depth + 1)
+            if sub is not av:
+                av, changed = sub, True
+        data.append((op, av))
+    return _sub(p, data) if changed else p
 
 
-def optimise(compiled: re.Pattern, top_guard: bool = True, extra_flags: int = 0) -> tuple[re.Pattern, bool]:
+def _compile_tree(tree, flags: int) -> re.Pattern:
+    try:
+        from re import _compiler as _sre_compile
+    except ImportError:  # pragma: no cover
+        import sre_compile as _sre_compile  # type: ignore
+    return _sre_compile.compile(tree, flags)
+
+
+@dataclass
+class Parsed:
+    """A translated pattern, parsed once: compiled for checking, kept as a
+    tree for the pre-filter and the optimised form."""
+
+    source: bytes
+    flags: int
+    tree: object
+
+
+def parse_perl(pattern: str, perl_flags: str = "") -> Parsed:
+    """Translate, parse and test-compile once; raises Unsupported."""
+    flags = python_flags(perl_flags)
+    text = translate(pattern)
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tree = _sre_parse.parse(raw, flags)
+            _compile_tree(tree, flags)  # some errors (look-behind width) only show here
+        except re.error as e:
+            raise Unsupported(f"Python re: {e.msg}") from None
+        except (OverflowError, RecursionError, ValueError, TypeError) as e:
+            raise Unsupported(f"Python re: {e}") from None
+    return Parsed(raw, flags | tree.state.flags, tree)
+
+
+def tree_needles(tree) -> Optional[tuple[bytes, ...]]:
+    found = _required(list(tree.data))
+    if not found or min(len(s) for s in found) < MIN_NEEDLE or len(found) > MAX_NEEDLES:
+        return None
+    return tuple(sorted({f.encode("latin-1") for f in found}))
+
+
+def optimise_parsed(parsed: Parsed, top_guard: bool = True, extra_flags: int = 0) -> tuple[re.Pattern, bool]:
     """(pattern, runs on lower-cased text): the same matches, found faster.
 
     A ``/i`` pattern becomes a case-sensitive one for lower-cased text
@@ -684,35 +680,40 @@ def optimise(compiled: re.Pattern, top_guard: bool = True, extra_flags: int = 0)
     literal prefix, only without IGNORECASE); big alternations and the
     pattern itself get a lookahead on the bytes they can start with.
     """
-    try:
-        from re import _compiler as _sre_compile
-    except ImportError:  # pragma: no cover
-        import sre_compile as _sre_compile  # type: ignore
-    if not isinstance(compiled.pattern, bytes):
-        return compiled, False
+    flags = parsed.flags | extra_flags
+    tree = parsed.tree
+    on_lower = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flags = compiled.flags | extra_flags
-            tree = _sre_parse.parse(compiled.pattern, flags)
-            on_lower = False
             if flags & re.IGNORECASE:
                 try:
-                    tree.data = _lower_items(tree.data)
-                    tree.state.flags &= ~re.IGNORECASE
+                    tree = _lower_tree(tree)
                     flags &= ~re.IGNORECASE
                     on_lower = True
                 except _CannotLower:
-                    tree = _sre_parse.parse(compiled.pattern, flags)
+                    pass
             icase = bool(flags & re.IGNORECASE)
-            _add_guards(tree, icase, tree.state)
+            tree = _guarded_tree(tree, icase)
             if top_guard:
                 first, nullable = _first(list(tree.data), icase)
                 if first and not nullable and len(first) <= 128 and not (
                         tree.data and tree.data[0][0] is _sre_c.ASSERT):
-                    tree.data = [_guard_node(first, tree.state)] + list(tree.data)
-            return _sre_compile.compile(tree, flags), on_lower
+                    tree = _sub(tree, [_guard_node(first, tree)] + list(tree.data))
+            saved = tree.state.flags
+            if on_lower:
+                tree.state.flags &= ~re.IGNORECASE
+            try:
+                return _compile_tree(tree, flags), on_lower
+            finally:
+                tree.state.flags = saved
     except (re.error, RecursionError, TypeError, ValueError, AttributeError):
-        if extra_flags:
-            return re.compile(compiled.pattern, compiled.flags | extra_flags), False
-        return compiled, False
+        return _compile_tree(parsed.tree, parsed.flags | extra_flags), False
+
+
+def optimise(compiled: re.Pattern, top_guard: bool = True, extra_flags: int = 0) -> tuple[re.Pattern, bool]:
+    """``optimise_parsed`` for an already compiled bytes pattern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = _sre_parse.parse(compiled.pattern, compiled.flags)
+    return optimise_parsed(Parsed(compiled.pattern, compiled.flags, tree), top_guard, extra_flags)

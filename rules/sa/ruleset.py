@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from rules.sa import evals
-from rules.sa.perlre import Unsupported, compile_perl, parse_literal
+from rules.sa.perlre import Parsed, Unsupported, parse_literal, parse_perl
 
 # The version we claim in ``if (version >= ...)``: the rule syntax of
 # SpamAssassin 4.0.1 is what we read.
@@ -95,7 +95,7 @@ class Rule:
     name: str
     kind: str  # header, body, rawbody, full, uri, mimeheader, meta
     source: str  # file:line
-    regex: Optional[re.Pattern] = None
+    parsed: Optional[Parsed] = None  # the translated regex, parsed once
     regex_text: str = ""  # the Perl pattern as written (ReplaceTags rewrites it)
     regex_flags: str = ""
     negate: bool = False  # header !~
@@ -110,6 +110,13 @@ class Rule:
     @property
     def is_eval(self) -> bool:
         return self.eval is not None
+
+    @property
+    def regex(self) -> Optional[re.Pattern]:
+        """The rule's regex as written (translated), compiled on demand."""
+        if self.parsed is None:
+            return None
+        return re.compile(self.parsed.source, self.parsed.flags)
 
 
 @dataclass
@@ -444,7 +451,7 @@ def finish(rs: RuleSet) -> RuleSet:
         if name in rs.replace_rules:
             text = _replace_tags(rs, text)
         try:
-            rule.regex = compile_perl(text, rule.regex_flags)
+            rule.parsed = parse_perl(text, rule.regex_flags)
         except Unsupported as e:
             del rs.rules[name]
             rs.skipped[name] = Skipped(name, rule.kind, rule.source, str(e), regex=True)

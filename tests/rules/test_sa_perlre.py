@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rules.sa.perlre import Unsupported, compile_perl, guarded, needles, parse_literal
+from rules.sa.perlre import Unsupported, compile_perl, needles, optimise, parse_literal, parse_perl
 
 
 @pytest.mark.parametrize("text,pattern,flags", [
@@ -62,9 +62,21 @@ def test_needles_are_necessary_literals():
     assert needles(compile_perl(r"(?:ab|xyzw)")) is None  # too short to be worth it
 
 
-def test_guard_keeps_matches():
-    for perl in (r"(?:^|\s)(?:cheap|free)\s+pills", r"\b(?:pay|send)\s+me\b", r"x{0,3}foo"):
-        rx = compile_perl(perl, "i")
-        g = guarded(rx)
-        for text in (b"get Cheap pills now", b"FREE pills", b"please send me", b"xxfoo", b"nothing"):
-            assert bool(rx.search(text)) == bool(g.search(text))
+@pytest.mark.parametrize("perl,flags", [
+    (r"(?:^|\s)(?:cheap|free|gratis)\s+pills", "i"), (r"\b(?:pay|send|give)\s+me\b", "i"),
+    (r"x{0,3}foo", "i"), (r"[^A-Z]x(?-i:Y)", "i"), (r"(a)\1b", "i"), (r"(?:Ab|CD|eF)+", ""),
+    (r"^(?:FREE|Cheap)\b", "im"), (r"[A-C]{2}[^D-F]", "i"),
+])
+def test_optimised_form_finds_the_same_matches(perl, flags):
+    rx = compile_perl(perl, flags)
+    opt, on_lower = optimise(rx)
+    for text in (b"get Cheap pills now", b"FREE pills", b"please SEND me", b"xxFOO", b"nothing", b"9xY",
+                 b"9xy", b"aAB", b"AAB", b"ab CD ef EF", b"free\ncheap", b"ABd", b"abE"):
+        assert bool(rx.search(text)) == bool(opt.search(text.lower() if on_lower else text)), text
+
+
+def test_parse_perl_keeps_one_tree_for_everything():
+    parsed = parse_perl(r"viagra\s+(?:online|cheap)", "i")
+    assert parsed.source == rb"viagra\s+(?:online|cheap)" and parsed.flags & 2
+    with pytest.raises(Unsupported):
+        parse_perl(r"(?<=a+)b")
