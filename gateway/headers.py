@@ -63,6 +63,7 @@ def fold(name: str, items: Iterable[str], sep: str = ",", width: int = 76) -> by
 
 def received_header(
     helo: Optional[str],
+    rdns: Optional[str],
     peer_ip: str,
     hostname: str,
     queue_id: str,
@@ -72,7 +73,9 @@ def received_header(
 ) -> bytes:
     ip = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
     lines = [
-        f"Received: from {helo or 'unknown'} ([{ip}])",
+        # "from HELO (RDNS [IP])": the form SpamAssassin and admins parse;
+        # RDNS only when forward-confirmed, so it can be trusted
+        f"Received: from {helo or 'unknown'} ({rdns + ' ' if rdns else ''}[{ip}])",
         f"\tby {hostname} (MailGate) with {protocol} id {queue_id}",
     ]
     if recipient:

@@ -93,6 +93,7 @@ class GatewaySMTP(smtp.ESMTP):
         self._txn: Optional[Transaction] = None
         self._pre_mail: defer.Deferred = defer.succeed(None)
         self._greet_call = None
+        self._conn_state: dict = {}  # what connect/helo checks learned (e.g. the verified rDNS name)
 
     # --- connection ----------------------------------------------------------
 
@@ -110,7 +111,7 @@ class GatewaySMTP(smtp.ESMTP):
             self._close()
             return
         self.setTimeout(self.timeout)
-        connect = self._run_stage(Stage.CONNECT, Transaction(self.session))
+        connect = self._run_stage(Stage.CONNECT, Transaction(self.session, state=self._conn_state))
         connect.addCallback(self.session.results.extend)
         self._pre_mail = connect
         pause = self.runtime.config.server.greet_pause
@@ -287,7 +288,7 @@ class GatewaySMTP(smtp.ESMTP):
             return self._send(Reject(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
         self._reset_transaction()
         self.session.helo, self.session.esmtp = text.split()[0], esmtp
-        helo = self._run_stage(Stage.HELO, Transaction(self.session))
+        helo = self._run_stage(Stage.HELO, Transaction(self.session, state=self._conn_state))
         helo.addCallback(self._helo_results)
         self._pre_mail = defer.gatherResults([self._pre_mail, helo])
         if esmtp:
@@ -547,7 +548,8 @@ class GatewaySMTP(smtp.ESMTP):
         rcpt = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
         proto = ("ESMTP" if self.session.esmtp else "SMTP") + ("S" if self.session.tls else "") + \
             ("A" if self.session.auth_user else "")
-        received = received_header(self.session.helo, self.session.peer_ip, self.host.decode(),
+        received = received_header(self.session.helo, self._conn_state.get("rdns"), self.session.peer_ip,
+                                   self.host.decode(),
                                    envelope.queue_id, proto, rcpt, now=self.factory.reactor.seconds())
         message = Message(received + content)
         self._txn.message = message

@@ -53,7 +53,12 @@ def test_long_status_is_folded():
 
 
 def test_received_header_names_queue_id_and_recipient():
-    h = received_header("client.test", "2001:db8::1", "mx.example.test", "ABC123", "ESMTPS", "bob@example.test",
+    h = received_header("client.test", None, "2001:db8::1", "mx.example.test", "ABC123", "ESMTPS", "bob@example.test",
                         now=0)
     assert h.startswith(b"Received: from client.test ([IPv6:2001:db8::1])\r\n\tby mx.example.test (MailGate) "
                         b"with ESMTPS id ABC123\r\n\tfor <bob@example.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000")
+
+
+def test_received_header_carries_the_confirmed_reverse_name():
+    h = received_header("helo.test", "mail.client.test", "192.0.2.1", "mx.example.test", "Q", "ESMTP", None, now=0)
+    assert h.startswith(b"Received: from helo.test (mail.client.test [192.0.2.1])\r\n")
