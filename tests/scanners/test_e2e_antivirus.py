@@ -183,3 +183,13 @@ def test_quarantine_policy_accepts_but_never_delivers(mailgate, sink, clamd_serv
     assert delivered_subjects(sink) == ["clean"]
     held = [p for p in (gw.queue_dir() / "quarantine").iterdir() if not p.name.endswith(".json")]
     assert len(held) == 1 and EICAR in held[0].read_bytes()
+
+
+def test_no_scanners_configured_the_gateway_still_delivers(mailgate, sink):
+    gw = mailgate(only_av_checks())
+    assert send(gw, text_message("unscanned", b"no engines here")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    assert b"X-Virus-Scanned" not in sink.messages[0].data
+    # banned attachments are refused even without a virus engine
+    code, text = send(gw, mime_with_attachment("run.bat", b"@echo off"))
+    assert code == 554 and text.startswith("5.7.1")
