@@ -90,12 +90,14 @@ BUILTIN_PROFILES: dict[str, Profile] = {p.name: p for p in (
         names=(r"^\*+ Found virus (\S+)",),
         description="Trend Micro InterScan VirusWall vscan",
     ),
-    # Sophos sweep / savscan (Sophos Anti-Virus for Unix user manual, "Exit
-    # codes"): 0 no virus, 1 interrupted by the user, 2 an error prevented
-    # the scan (e.g. a file could not be scanned), 3 virus found.  Report line
-    # ">>> Virus 'NAME' found in file PATH".  MIMEDefang passes 2 as clean
-    # because old sweep choked on Office files; we do not deliver a message
-    # the engine could not read, so 2 is an error here.
+    # Sophos sweep / savscan (Sophos Anti-Virus for Linux configuration guide,
+    # v9, "Appendix: On-demand scan return codes"; the same in MIMEDefang's
+    # interpret_sweep_code): 0 no error and no threat, 1 scan interrupted,
+    # 2 an error prevented further execution (e.g. a file could not be
+    # scanned), 3 a threat was detected.  Report line ">>> Virus 'NAME' found
+    # in file PATH".  MIMEDefang passes 2 as clean because old sweep choked on
+    # Office files; we do not deliver a message the engine could not read, so
+    # 2 is an error here.
     Profile(
         "sophos-sweep", "sweep", ("-f", "-mime", "-all", "-archive", "-ss", "{file}"),
         clean=_codes(0), infected=_codes(3), error=_codes(1, 2),
@@ -120,36 +122,43 @@ BUILTIN_PROFILES: dict[str, Profile] = {p.name: p for p in (
         names=(r"ALERT: \[(\S+)", r"!Virus! \S+ (\S+)", r"VIRUS: file contains code of the virus '([^']+)'"),
         description="H+BEDV / Avira AntiVir",
     ),
-    # Kaspersky AVPLinux / aveclient (AVP 4/5): 0 clean, 1 scan incomplete,
-    # 2 modified or damaged virus, 3 suspicious object, 4 virus found,
-    # 5 all infected objects disinfected, 6 infected objects deleted, 7
-    # AVPLinux itself corrupt or infected, 8 corrupt objects found.  Lines
-    # "PATH INFECTED NAME".  (File::VirusScan Engine::Command::Kaspersky::AVP5,
-    # MIMEDefang interpret_avp_code.)  A gateway never disinfects, so 5 and 6
-    # can only mean the file changed under the scanner: treated as infected.
+    # Kaspersky AVPLinux / aveclient (Kaspersky Anti-Virus for Unix user
+    # manual, appendix B "Scanner and Daemon: exit codes"): the low half-byte
+    # is 0 no viruses, 1 scan interrupted, 2 modified or damaged virus,
+    # 3 suspicious objects, 4 viruses detected, 5 all infected objects
+    # disinfected, 6 infected objects deleted, 7 the scanner file is corrupted,
+    # 8 corrupted files or I/O error; a non-zero high half-byte (16 and up) is
+    # a program error (databases corrupt or missing, licence expired), which
+    # an unlisted code already means here.  Lines "PATH INFECTED NAME"
+    # (File::VirusScan Engine::Command::Kaspersky::AVP5, args -s -p
+    # /var/run/aveserver).  A gateway never asks it to disinfect, so 5 and 6
+    # can only mean an infection: treated as infected.  8 (corrupted object)
+    # is treated as suspicious, as File::VirusScan does.
     Profile(
         "kaspersky-avp", "aveclient", ("-s", "-p", "/var/run/aveserver", "{file}"),
         clean=_codes(0), infected=_codes(2, 4, 5, 6), suspicious=_codes(3, 8), error=_codes(1, 7),
         names=(r"INFECTED (\S+)",),
         description="Kaspersky AVPLinux / aveclient",
     ),
-    # Kaspersky kavscanner (Kaspersky Anti-Virus 5 for Linux file server):
-    # 0, 5 and 10 clean, 9 password-protected archive, 20 suspicious object,
-    # 21 and 25 infected objects found.  (File::VirusScan
-    # Engine::Command::Kaspersky::Kavscanner; args -e PASBME -o syslog -i0.)
+    # Kaspersky kavscanner (Kaspersky Anti-Virus 5.5 for Unix, kav4unix):
+    # File::VirusScan Engine::Command::Kaspersky::Kavscanner reads 0, 5, 10 as
+    # clean, 9 password-protected archive, 20 suspicious, 21 and 25 infected
+    # (args -e PASBME -o syslog -i0).  amavisd-new's table for the same
+    # program lists 5 among the infected codes, so 5 is treated as
+    # suspicious here: the sources disagree, and we fail closed.
     Profile(
         "kaspersky-kavscanner", "kavscanner", ("-e", "PASBME", "-o", "syslog", "-i0", "{file}"),
-        clean=_codes(0, 5, 10), infected=_codes(21, 25), suspicious=_codes(9, 20),
+        clean=_codes(0, 10), infected=_codes(21, 25), suspicious=_codes(5, 9, 20),
         names=(r"INFECTED (\S+)",),
         description="Kaspersky kavscanner",
     ),
-    # McAfee / NAI uvscan (VirusScan Command Line user guide, "Error levels"):
-    # 0 no virus, 2 driver integrity check failed, 6 general problem, 8 no
-    # driver found, 12 tried to clean and failed, 13 virus found, 19 self-check
-    # failed, 102 user quit.  Output "Found the NAME virus !!!",
-    # "Found: EICAR test file ...", "Found the NAME trojan".  (Also
-    # File::VirusScan Engine::Command::NAI::Uvscan; args --mime --noboot
-    # --secure --allole.)
+    # McAfee / NAI uvscan, the "error levels" of VirusScan Command Line as
+    # File::VirusScan Engine::Command::NAI::Uvscan lists them (supplied to it
+    # by Anthony Giggins): 0 no virus, 2 driver integrity check failed,
+    # 6 general problem, 8 no driver found, 12 tried to clean and failed,
+    # 13 virus found, 19 self-check failed, 102 user quit.  Output
+    # "Found the NAME virus !!!", "Found: EICAR test file ...", "Found the NAME
+    # trojan"; args --mime --noboot --secure --allole.
     Profile(
         "mcafee-uvscan", "uvscan", ("--mime", "--noboot", "--secure", "--allole", "{file}"),
         clean=_codes(0), infected=_codes(13), error=_codes(2, 6, 8, 12, 19, 102),
@@ -168,23 +177,27 @@ BUILTIN_PROFILES: dict[str, Profile] = {p.name: p for p in (
         names=(r"(?i)infec\w*:\s*(\S+)",),
         description="Command Software csav",
     ),
-    # F-Secure fsav (fsav(1) "EXIT CODES"): 0 normal exit, no viruses; 1 fatal
-    # error; 3 a boot or file virus was found; 4 riskware; 5 interrupted;
-    # 6 at least one virus was removed; 7 out of memory; 8 suspicious files
-    # found; 9 scan error.  Lines "PATH: Infected: NAME [engine]" (older:
-    # "PATH  infection: NAME").  (File::VirusScan Engine::Command::FSecure::FSAV,
-    # MailScanner ProcessFSecureOutput; args --dumb --mime.)
+    # F-Secure fsav (WithSecure knowledge base article 5584 "On-demand scanner
+    # (fsav) exit codes", and the F-Secure Linux Security manual): 0 no
+    # viruses or suspicious files, 1 fatal error, 3 a boot or file virus
+    # found, 4 riskware, 6 at least one virus removed and no infected files
+    # left, 7 out of memory, 8 suspicious files, 9 scan error (at least one
+    # file could not be scanned), 130 terminated by a signal.  2 is the
+    # self-test failure older versions reported (File::VirusScan).  Lines
+    # "PATH: Infected: NAME [engine]" (older: "PATH  infection: NAME";
+    # MailScanner ProcessFSecureOutput).  Args --dumb --mime as File::VirusScan.
     Profile(
         "fsecure-fsav", "fsav", ("--dumb", "--mime", "--archive", "{file}"),
-        clean=_codes(0), infected=_codes(3, 6), suspicious=_codes(4, 8), error=_codes(1, 2, 5, 7, 9),
+        clean=_codes(0), infected=_codes(3, 6), suspicious=_codes(4, 8), error=_codes(1, 2, 5, 7, 9, 130),
         names=(r": Infected: +(.+?) \[", r"(?i)infection:\s*(\S+)"),
         description="F-Secure fsav",
     ),
-    # F-Prot (FRISK f-prot for Unix, 3.x/4.x manual "Exit codes"): 0 nothing
-    # found, 1 unrecoverable error, 2 selftest failed, 3 at least one virus
-    # infected object found, 5 abnormal termination, 7 out of memory, 8 at least
-    # one suspicious object found.  Lines "PATH  Infection: NAME".
-    # (File::VirusScan Engine::Command::FPROT::FPROT; args -DUMB -ARCHIVE -PACKED.)
+    # F-Prot (FRISK f-prot for Unix 3.x/4.x), as File::VirusScan
+    # Engine::Command::FPROT::FPROT and MIMEDefang read it: 0 nothing found,
+    # 1 unrecoverable error, 2 driver integrity check failed, 3 at least one
+    # virus-infected object, 5 abnormal termination, 7 memory error, 8 at
+    # least one suspicious object.  Lines "PATH  Infection: NAME"; args
+    # -DUMB -ARCHIVE -PACKED.
     Profile(
         "f-prot", "f-prot", ("-DUMB", "-ARCHIVE", "-PACKED", "{file}"),
         clean=_codes(0), infected=_codes(3), suspicious=_codes(8), error=_codes(1, 2, 5, 7),
