@@ -115,10 +115,11 @@ BUILTIN_PROFILES: dict[str, Profile] = {p.name: p for p in (
     # a boot sector, 3 suspicious file; names in "ALERT: [NAME ...",
     # "!Virus! PATH NAME" or "VIRUS: file contains code of the virus 'NAME'"
     # (MIMEDefang interpret_hbedv_code, from H+BEDV's documentation as
-    # relayed by Nels Lindquist; args --allfiles -z -rs).
+    # relayed by Nels Lindquist; args --allfiles -z -rs).  qscanq's
+    # run-antivir wrapper also reads 101 as "virus detected".
     Profile(
         "avira-antivir", "antivir", ("--allfiles", "-z", "-rs", "{file}"),
-        clean=_codes(0), infected=_codes(1, 2), suspicious=_codes(3),
+        clean=_codes(0), infected=_codes(1, 2, 101), suspicious=_codes(3),
         names=(r"ALERT: \[(\S+)", r"!Virus! \S+ (\S+)", r"VIRUS: file contains code of the virus '([^']+)'"),
         description="H+BEDV / Avira AntiVir",
     ),
@@ -140,15 +141,19 @@ BUILTIN_PROFILES: dict[str, Profile] = {p.name: p for p in (
         names=(r"INFECTED (\S+)",),
         description="Kaspersky AVPLinux / aveclient",
     ),
-    # Kaspersky kavscanner (Kaspersky Anti-Virus 5.5 for Unix, kav4unix):
-    # File::VirusScan Engine::Command::Kaspersky::Kavscanner reads 0, 5, 10 as
-    # clean, 9 password-protected archive, 20 suspicious, 21 and 25 infected
-    # (args -e PASBME -o syslog -i0).  amavisd-new's table for the same
-    # program lists 5 among the infected codes, so 5 is treated as
-    # suspicious here: the sources disagree, and we fail closed.
+    # Kaspersky kavscanner: two generations, one profile.  The Kaspersky
+    # Anti-Virus for Unix manuals (appendix "Scanner and Daemon: exit codes")
+    # give kavscanner the AVPLinux scheme above (0-8 in the low half-byte,
+    # program errors in the high one); Kaspersky Anti-Virus 5.5 (kav4unix)
+    # returns 0 or 10 for clean, 9 password-protected archive, 20 suspicious,
+    # 21 and 25 infected (File::VirusScan
+    # Engine::Command::Kaspersky::Kavscanner, args -e PASBME -o syslog -i0).
+    # The codes do not collide except 5, which File::VirusScan reads as clean
+    # and the manual as "all infected objects were disinfected": infected here.
     Profile(
         "kaspersky-kavscanner", "kavscanner", ("-e", "PASBME", "-o", "syslog", "-i0", "{file}"),
-        clean=_codes(0, 10), infected=_codes(21, 25), suspicious=_codes(5, 9, 20),
+        clean=_codes(0, 10), infected=_codes(2, 4, 5, 6, 21, 25), suspicious=_codes(3, 8, 9, 20),
+        error=_codes(1, 7),
         names=(r"INFECTED (\S+)",),
         description="Kaspersky kavscanner",
     ),
