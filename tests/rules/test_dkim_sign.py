@@ -106,3 +106,24 @@ def test_signing_failure_is_reported_not_raised(signer):
     signer.keys["example.test"] = b"-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n"
     [r] = signer.check(_txn())
     assert isinstance(r, Failed)
+
+
+def test_e2e_outbound_mail_from_a_trusted_network_leaves_signed(mailgate, sink, tmp_path, keypair):
+    from tests.rules.test_sender_auth import only_checks
+
+    pem, public = keypair
+    key = tmp_path / "example.test.sel.key"
+    write_key(str(key), pem)
+    gw = mailgate(trusted=["127.0.0.0/8"],
+                  extra_toml=f'[dkim_sign.domains."example.test"]\nselector = "sel"\nkey_file = "{key}"\n'
+                             + only_checks("dkim_sign"))
+    raw = (b"From: Alice <alice@sales.example.test>\r\nTo: carol@partner.test\r\nSubject: quote\r\n"
+           b"Date: Sat, 28 Nov 2026 19:00:00 +0000\r\nMessage-ID: <3@example.test>\r\n\r\n"
+           b"The quote you asked for.\r\n.leading dot stays\r\n")
+    with gw.smtp() as smtp:
+        smtp.sendmail("alice@sales.example.test", ["carol@partner.test"], raw)
+    sink.wait_for(1, timeout=20)
+    delivered = sink.messages[0].data
+    assert b"DKIM-Signature:" in delivered and b"d=example.test" in delivered
+    txt = f"v=DKIM1; k=rsa; p={public}".encode()
+    assert dkim.verify(delivered, dnsfunc=lambda name, timeout=5: txt if name == b"sel._domainkey.example.test." else None)

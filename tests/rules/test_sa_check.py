@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import smtplib
 
 import pytest
 
@@ -116,3 +117,40 @@ def test_stock_rules_load_and_most_regex_rules_run(capsys):
     assert share < 0.10
     results = engine.run(__import__("rules.sa.message", fromlist=["MessageView"]).MessageView(PHISH))
     assert isinstance(results, dict)
+
+
+# --- end to end through `mailgate run` ---------------------------------------------
+
+
+def test_e2e_shipped_rules_show_in_x_spam_status(mailgate, sink):
+    from tests.rules.test_sender_auth import only_checks
+
+    gw = mailgate(extra_toml=f"[rules]\ndirs = [{SHIPPED_RULES!r}]\n" + only_checks("sa_rules"))
+    with gw.smtp() as smtp:
+        smtp.sendmail("x@evil.test", ["bob@example.test"], PHISH)
+    sink.wait_for(1, timeout=20)
+    head = sink.messages[0].data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    status = [line for line in head.split(b"\r\n") if line.startswith(b"X-Spam-Status:")][0]
+    assert b"MG_PHISH_LINK=2.5" in status and b"MG_VERIFY_ACCOUNT=1" in status
+
+
+@pytest.mark.skipif(not stock_dirs(), reason="SpamAssassin's stock rules are not installed")
+def test_e2e_stock_rules_by_default_and_gtube_counted_once(mailgate, sink):
+    from rules.gtube import GTUBE
+    from tests.rules.test_sender_auth import only_checks
+
+    gw = mailgate(extra_toml="[spam]\nreject_threshold = 100000\n" + only_checks("sa_rules", "gtube"))
+    no_to = b"From: x@evil.test\r\nSubject: hello\r\nDate: Sat, 28 Nov 2026 19:00:00 +0000\r\n\r\nhi\r\n"
+    gtube = b"From: x@evil.test\r\nTo: bob@example.test\r\nSubject: test\r\n\r\n" + GTUBE + b"\r\n"
+    with gw.smtp() as smtp:
+        smtp.sendmail("x@evil.test", ["bob@example.test"], no_to)
+        smtp.sendmail("x@evil.test", ["bob@example.test"], gtube)
+    sink.wait_for(2, timeout=20)
+    heads = [m.data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+             for m in sink.messages[:2]]
+    plain = next(h for h in heads if b"Subject: hello" in h)
+    spam = next(h for h in heads if b"Subject: hello" not in h)
+    assert b"MISSING_HEADERS=" in plain  # SpamAssassin's rule, from /usr/share/spamassassin
+    assert spam.count(b"GTUBE=1000") == 1  # rules/gtube.py scores it; the SA rule of that name does not
+    score = float(spam.split(b"X-Spam-Score: ")[1].split(b"\r\n")[0])
+    assert 1000 <= score < 1100

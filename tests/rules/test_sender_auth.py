@@ -139,3 +139,43 @@ def test_no_nameservers_is_dns_trouble_not_the_system_resolver():
     out = authenticate(_message(), BlockingDns([]), HOST, "127.0.0.1", "alice@sender.test",
                        "mail.sender.test", SenderAuthSettings(dkim=False, dmarc=False))
     assert out.spf == "temperror"
+
+
+# --- end to end through `mailgate run` ---------------------------------------------
+
+
+def only_checks(*names: str) -> str:
+    """[checks] switching off every other check, so the test depends on ours only."""
+    from gateway.plugins import discover
+
+    others = sorted(set(discover().checks) - set(names))
+    return "[checks]\ndisabled = [" + ", ".join(f'"{n}"' for n in others) + "]\n"
+
+
+def test_e2e_forged_dkim_gets_fail_and_the_configured_points(mailgate, sink, dns_servers, keypair):
+    from tests.support.gateway import default_records
+
+    pem, public = keypair
+    records = default_records()
+    for name, text in (("sender.test", "v=spf1 ip4:127.0.0.1 -all"),
+                       ("sel._domainkey.sender.test", f"v=DKIM1; k=rsa; p={public}"),
+                       ("_dmarc.sender.test", "v=DMARC1; p=none")):
+        records.txt(name, text)
+    server = dns_servers.dnsmasq(records)
+    gw = mailgate(extra_toml="[scores]\nDKIM_INVALID = 2.5\n" + only_checks("sender_auth"),
+                  dns=server.nameserver)
+    genuine = _signed(pem, _message())
+    forged = genuine.replace(b"the report is attached", b"wire 9,800 EUR to the account below")
+    # an Authentication-Results that claims to be ours must not survive
+    forged = b"Authentication-Results: mx.gateway.test; dkim=pass header.d=sender.test\r\n" + forged
+    with gw.smtp() as smtp:
+        smtp.sendmail("alice@sender.test", ["bob@example.test"], forged)
+        smtp.sendmail("alice@sender.test", ["bob@example.test"], genuine)
+    sink.wait_for(2, timeout=20)
+    first, second = (m.data.replace(b"\r\n", b"\n") for m in sink.messages[:2])
+    ar = [line for line in first.split(b"\n\n")[0].split(b"\n") if line.lower().startswith(b"authentication-results")]
+    assert len(ar) == 1, first.decode(errors="replace")
+    assert ar[0].startswith(b"Authentication-Results: mx.gateway.test;")
+    assert b"dkim=fail" in ar[0] and b"spf=pass" in ar[0]
+    assert b"DKIM_INVALID=2.5" in first
+    assert b"dkim=pass" in second and b"DKIM_VALID" in second and b"DKIM_INVALID" not in second
