@@ -221,3 +221,52 @@ def test_score_command_prints_json_per_message(tmp_path):
     rows = {os.path.basename(r["path"]): r for r in map(json.loads, p.stdout.splitlines())}
     assert rows["spam.eml"]["action"] == "reject" and "GTUBE" in rows["spam.eml"]["symbols"]
     assert rows["ham.eml"]["action"] == "accept" and rows["ham.eml"]["score"] < 5
+
+
+def test_starttls_then_mail_is_marked_esmtps(mailgate, sink, tmp_path):
+    from tests.support.sink import make_self_signed
+
+    cert, key = make_self_signed(str(tmp_path), "mx.gateway.test")
+    gw = mailgate(server_extra=f'tls_certificate = "{cert}"\ntls_key = "{key}"\n')
+    import ssl
+
+    with gw.smtp() as c:
+        c.ehlo("client.sender.test")
+        assert c.has_extn("starttls")
+        c.starttls(context=ssl._create_unverified_context())
+        c.ehlo("client.sender.test")
+        assert c.sendmail("alice@sender.test", ["bob@example.test"], HAM) == {}
+    assert sink.wait_for(1)
+    assert b"with ESMTPS id" in sink.messages[0].data
+
+
+def test_disconnect_mid_data_leaves_nothing_queued(mailgate, sink):
+    gw = mailgate()
+    import socket as _socket
+
+    with _socket.create_connection((gw.host, gw.port)) as s:
+        f = s.makefile("rwb")
+        f.readline()
+        for line in (b"EHLO client.sender.test", b"MAIL FROM:<alice@sender.test>", b"RCPT TO:<bob@example.test>",
+                     b"DATA"):
+            f.write(line + b"\r\n")
+            f.flush()
+            while True:
+                reply = f.readline()
+                if reply[3:4] == b" ":
+                    break
+        f.write(HAM[:60])
+        f.flush()
+        f.close()  # the file object holds the socket open until closed itself
+    assert wait_until(lambda: "lost connection during DATA" in gw.log())
+    assert list((gw.queue_dir() / "messages").iterdir()) == []
+    assert sink.messages == []
+
+
+def test_embedded_default_config_is_what_make_run_uses(tmp_path):
+    env = dict(os.environ)
+    env.pop("MAILGATE_CONFIG", None)
+    p = subprocess.run([os.sys.executable, "-m", "gateway.cli", "check-config"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "listen=127.0.0.1:2525 domains=example.test" in p.stdout

@@ -25,12 +25,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def base_config(port: int, queue_dir: str, downstream: Optional[str], dns: Optional[str] = None,
-                domains=("example.test",), trusted=(), hostname: str = "mx.gateway.test") -> str:
+                domains=("example.test",), trusted=(), hostname: str = "mx.gateway.test",
+                server_extra: str = "") -> str:
     route = f'"smtp:[127.0.0.1]:{downstream}"' if downstream else '"mx"'
     lines = [
         "[server]",
         f'listen = ["127.0.0.1:{port}"]',
         f'hostname = "{hostname}"',
+        server_extra.rstrip("\n"),
         "[relay]",
         f"domains = {list(domains)!r}".replace("'", '"'),
         f"trusted_networks = {list(trusted)!r}".replace("'", '"'),
@@ -143,7 +145,8 @@ def mailgate_factory(tmp_path: Path, sink=None):
     servers: list = []
 
     def make(extra_toml: str = "", dns: Optional[str] = None, downstream_port: Optional[int] = None,
-             trusted=(), domains=("example.test",), start: bool = True, name: str = "gw") -> GatewayProcess:
+             trusted=(), domains=("example.test",), start: bool = True, name: str = "gw",
+             server_extra: str = "") -> GatewayProcess:
         port = free_port()
         workdir = tmp_path / f"{name}{len(started)}"
         if dns is None:
@@ -153,7 +156,8 @@ def mailgate_factory(tmp_path: Path, sink=None):
             servers.append(server)
             dns = server.nameserver
         downstream = downstream_port if downstream_port is not None else (sink.port if sink else None)
-        text = base_config(port, str(workdir / "queue"), downstream, dns, domains, trusted) + "\n" + extra_toml
+        text = base_config(port, str(workdir / "queue"), downstream, dns, domains, trusted,
+                           server_extra=server_extra) + "\n" + extra_toml
         gw = GatewayProcess(workdir, text, port)
         started.append(gw)
         return gw.start() if start else gw
