@@ -230,3 +230,52 @@ def test_autolearn_learns_and_saves_after_the_interval(tmp_path):
     clock.now += 10
     result_of(check.check(txn(raw)))
     assert check.holder.model is model
+
+
+# --- end to end through `mailgate run` ---------------------------------------------
+
+
+def _only_bayes() -> str:
+    others = sorted(set(discover().checks) - {"bayes"})
+    return "[checks]\ndisabled = [" + ", ".join(f'"{n}"' for n in others) + "]\n"
+
+
+def _status(data: bytes) -> bytes:
+    head = data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    return next(line for line in head.split(b"\r\n") if line.startswith(b"X-Spam-Status:"))
+
+
+def test_e2e_gateway_starts_without_a_model_and_picks_one_up(mailgate, sink, tmp_path):
+    import time
+
+    from classifiers.model import DEFAULT_MODEL_SETTINGS
+
+    model_path = tmp_path / "var" / "bayes.model"
+    gw = mailgate(extra_toml=f'[bayes]\nmodel = "{model_path}"\nmin_spam = 10\nmin_ham = 10\n'
+                             'reload_interval = "0.2s"\n' + _only_bayes())
+    spam_raw, ham_raw = (raw.replace(b"\n", b"\r\n") for _, raw in generated.corpus(31, 1, 1))
+    with gw.smtp() as smtp:
+        smtp.sendmail("x@sender.test", ["bob@example.test"], spam_raw)
+    sink.wait_for(1, timeout=20)
+    assert b"BAYES_" not in _status(sink.messages[0].data)
+    deadline = time.monotonic() + 10
+    while "no model file" not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.log().count("no model file") == 1
+
+    # `mailgate train` writes the model; the running gateway takes it up
+    model = BayesModel(DEFAULT_MODEL_SETTINGS)
+    data = generated.corpus(32, 30, 30)
+    model.fit(model.vectors([model.tokens(raw) for _, raw in data]), np.array([lab for lab, _ in data]))
+    model.save(str(model_path))
+    time.sleep(0.3)
+    with gw.smtp() as smtp:
+        smtp.sendmail("x@sender.test", ["bob@example.test"], spam_raw)
+        smtp.sendmail("alice@sender.test", ["bob@example.test"], ham_raw)
+    sink.wait_for(3, timeout=20)
+    statuses = [_status(m.data) for m in sink.messages[1:3]]
+    spam_status = next(s for s in statuses if b"BAYES_9" in s)
+    ham_status = next(s for s in statuses if s is not spam_status)
+    assert b"BAYES_99=5" in spam_status and spam_status.startswith(b"X-Spam-Status: Yes")
+    assert b"BAYES_00=-1.9" in ham_status and ham_status.startswith(b"X-Spam-Status: No")
+    assert "bayes: loaded model" in gw.log()
