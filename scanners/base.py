@@ -23,7 +23,7 @@ the three outcomes, never with an error, and it alone owns:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from twisted.internet import defer

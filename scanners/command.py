@@ -24,7 +24,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from scanners.base import Clean, Infected, Outcome, ScanFailed, Scanner

@@ -5,14 +5,11 @@ that is down or hangs makes the sender retry (451)."""
 
 from __future__ import annotations
 
-import base64
 import smtplib
 import time
 
-import pytest
 
 from scanners.base import EICAR
-from tests.scanners.conftest import FAKES
 from tests.scanners.test_banned import PE
 from tests.scanners.test_clamd import mime_with_attachment, zipped
 from tests.support.clamd import MARKER, MARKER_NAME, start_clamd
