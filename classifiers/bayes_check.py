@@ -108,7 +108,7 @@ class ModelHolder:
         self._said: set = set()  # log once per situation
         self.saved_stamp: Any = None
 
-    def _once(self, key, level, msg, *args) -> None:
+    def say_once(self, key, level, msg, *args) -> None:
         if key not in self._said:
             self._said.add(key)
             log.log(level, msg, *args)
@@ -125,7 +125,7 @@ class ModelHolder:
                 st = os.stat(self.path)
             except OSError:
                 if self.model is None:
-                    self._once(("missing", self.path), logging.WARNING,
+                    self.say_once(("missing", self.path), logging.WARNING,
                                "bayes: no model file at %s; Bayes adds nothing until one is trained "
                                "(mailgate train --spam DIR --ham DIR -o %s)", self.path, self.path)
                 return self.model
@@ -136,7 +136,7 @@ class ModelHolder:
             try:
                 model = self.loader(self.path)
             except ModelError as e:
-                self._once(("bad", stamp), logging.ERROR, "bayes: model refused: %s%s", e,
+                self.say_once(("bad", stamp), logging.ERROR, "bayes: model refused: %s%s", e,
                            "; keeping the model loaded before" if self.model else "")
                 return self.model
             first = self.model is None
@@ -184,7 +184,7 @@ class BayesCheck(Check):
             return []
         s = self.settings
         if not model.is_trained(s.min_spam, s.min_ham):
-            self.holder._once(("untrained", id(model)), logging.WARNING,
+            self.holder.say_once(("untrained", id(model)), logging.WARNING,
                               "bayes: model %s has learned %d spam and %d ham; Bayes adds nothing "
                               "until it has at least %d spam and %d ham",
                               self.holder.path, model.nspam, model.nham, s.min_spam, s.min_ham)
@@ -219,7 +219,9 @@ class BayesCheck(Check):
         if model is None:
             return "no-model"
         with self._learn_lock:
-            outcome = model.learn(raw, label)
+            # the log-probabilities are derived again at the save, not for
+            # every message: that is a pass over all 2^20 columns
+            outcome = model.learn(raw, label, refresh=False)
             if outcome != "same":
                 self._unsaved += 1
             now = self.clock()
@@ -229,6 +231,7 @@ class BayesCheck(Check):
         return outcome
 
     def _save(self, model: BayesModel) -> None:
+        model.commit()
         try:
             model.save(self.holder.path)
             self.holder.mark_saved()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from classifiers.bayes_check import DEFAULT_SCORES, band_score
-from classifiers.model import HAM, SPAM, BayesModel, ModelSettings
+from classifiers.model import SPAM, BayesModel, ModelSettings
 
 PROBABILITY_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)
 

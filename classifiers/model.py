@@ -32,7 +32,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from classifiers.tokenizer import DEFAULT_SETTINGS, TokenizerSettings, tokenize
+from classifiers.tokenizer import TokenizerSettings, tokenize
 from gateway.errors import MailGateError
 
 FORMAT = "mailgate-bayes"
@@ -184,13 +184,6 @@ class BayesModel:
     def learned_as(self, raw: bytes) -> Optional[int]:
         return self._learned.get(message_digest(raw))
 
-    def train(self, messages: Iterable[bytes], label: int) -> int:
-        """Learn many messages one way, recording their digests; returns how
-        many were new (messages learned before the same way are skipped)."""
-        added = sum(self.learn(raw, label, refresh=False) != "same" for raw in messages)
-        self._refresh()
-        return added
-
     def learn(self, raw: bytes, label: int, refresh: bool = True) -> str:
         """Learn one message; returns "new", "same" (already learned this
         way: nothing done) or "moved" (it was learned the other way)."""
@@ -223,10 +216,9 @@ class BayesModel:
 
     def _subtract(self, x, label: int) -> None:
         row = self.nb.feature_count_[label]
-        idx = x.indices
         # a copy with headers we add later may hash a few features it was
         # not trained with: counts never go below zero
-        row[idx] = np.maximum(row[idx] - x.data, 0.0)
+        row[x.indices] = np.maximum(row[x.indices] - x.data, 0.0)
         self.nb.class_count_[label] = max(0.0, self.nb.class_count_[label] - 1)
 
     def commit(self) -> None:

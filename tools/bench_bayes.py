@@ -21,8 +21,6 @@ import tempfile
 import time
 import tracemalloc
 
-import numpy as np
-
 HAM_SETS = ("easy_ham", "easy_ham_2", "hard_ham")
 SPAM_SETS = ("spam", "spam_2")
 
