@@ -19,12 +19,12 @@ SENDER = "alice@sender.test"
 RCPT = "bob@example.test"
 
 
-def only_av_checks() -> str:
-    """[checks] switching off every check but ours: these tests are about the
-    anti-virus path, and must not depend on DNS or spam rules."""
+def only_av_checks(*keep: str) -> str:
+    """[checks] switching off every check but ours (and ``keep``): these tests
+    are about the anti-virus path, and must not depend on DNS or spam rules."""
     from gateway.plugins import discover
 
-    others = sorted(set(discover().checks) - {"antivirus", "banned_attachments"})
+    others = sorted(set(discover().checks) - {"antivirus", "banned_attachments", *keep})
     return "[checks]\ndisabled = [" + ", ".join(f'"{n}"' for n in others) + "]\n"
 
 
@@ -190,3 +190,16 @@ def test_no_scanners_configured_the_gateway_still_delivers(mailgate, sink):
     # banned attachments are refused even without a virus engine
     code, text = send(gw, mime_with_attachment("run.bat", b"@echo off"))
     assert code == 554 and text.startswith("5.7.1")
+
+
+def test_allow_lists_do_not_let_a_virus_through(mailgate, sink, clamd_server):
+    lists = ("ip_lists", "sender_lists", "recipient_lists")  # rules/lists.py
+    gw = mailgate(f'[[scanners]]\ntype = "clamd"\nsocket = "{clamd_server.socket_path}"\n'
+                  "[av]\nself_test_interval = 0\n"
+                  f'[lists]\nallow_ips = ["127.0.0.0/8"]\nallow_senders = ["{SENDER}"]\n'
+                  f'allow_recipients = ["{RCPT}"]\n' + only_av_checks(*lists))
+    code, text = send(gw, text_message("allowed-but-infected", EICAR))
+    assert code == 554 and text.startswith("5.7.0 Message contains a virus"), (code, text)
+    assert send(gw, text_message("allowed-clean", b"fine")) == (250, "")
+    sink.wait_for(1, timeout=20)
+    assert delivered_subjects(sink) == ["allowed-clean"]
