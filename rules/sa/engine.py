@@ -88,6 +88,9 @@ class Engine:
         self.mimeheaders: list[_Scan] = []
         self.scans: dict[str, list[_Scan]] = {k: [] for k in ("body", "rawbody", "full", "uri")}
         self.evals: list[Rule] = []
+        # sub-rules (__NAME) no literal pre-filter can skip: run only when a
+        # meta rule asks for their value (see _Hits)
+        self.deferred: dict[str, tuple[str, _Scan]] = {}
         metas: list[Rule] = []
         for name, rule in rs.rules.items():
             if rule.eval is not None and rule.eval[0] in ("check_rbl", "check_rbl_txt") and rule.eval[1]:
@@ -108,9 +111,11 @@ class Engine:
                         self.headers.setdefault((h, rule.modifier), []).append(scan)
                 elif rule.kind == "mimeheader":
                     self.mimeheaders.append(scan)
+                elif name.startswith("__") and scan.needles is None:
+                    self.deferred[name] = (rule.kind, scan)
                 else:
                     self.scans[rule.kind].append(scan)
-        self._metas = self._compile_metas(metas)
+        self._compile_metas(metas)
 
     def _scan(self, rule: Rule) -> _Scan:
         flags = self.rs.tflags.get(rule.name, set())
@@ -150,19 +155,35 @@ class Engine:
 
         for r in metas:
             visit(r, [])
-        lines = ["def _metas(h):"]
-        for r in order:
-            if r.name not in self.rs.rules:
-                continue  # skipped above (cycle)
-            lines.append("    try:")
-            lines.append(f"        h[{r.name!r}] = 1 if ({_meta_python(r.meta)}) else 0")
-            lines.append("    except ZeroDivisionError:")
-            lines.append(f"        h[{r.name!r}] = 0")
-        lines.append("    return h")
+        order = [r for r in order if r.name in self.rs.rules]  # cycles removed above
+        meta_of = {r.name: r for r in order}
+        expensive: dict[str, bool] = {}
+
+        def costly(name: str) -> bool:
+            if name not in expensive:
+                expensive[name] = False
+                if name in self.deferred:
+                    expensive[name] = True
+                elif name in meta_of:
+                    expensive[name] = any(costly(d) for d in meta_names(meta_of[name].meta))
+            return expensive[name]
+
+        lines = []
+        for i, r in enumerate(order):
+            body = _meta_python(r.meta, costly)
+            lines += [f"def _m{i}(h):", "    try:", f"        return 1 if ({body}) else 0",
+                      "    except ZeroDivisionError:", "        return 0"]
         namespace: dict = {"_not": lambda x: 0 if x else 1}
-        exec(compile("\n".join(lines), "<sa meta rules>", "exec"), namespace)  # generated from checked tokens
+        exec(compile("\n".join(lines) or "pass", "<sa meta rules>", "exec"), namespace)  # from checked tokens
+        functions = {r.name: namespace[f"_m{i}"] for i, r in enumerate(order)}
+        # scored metas are evaluated for every message, in dependency order;
+        # the others only when one of those needs them
+        self.eager_metas = [(r.name, functions[r.name]) for r in order
+                            if not r.name.startswith("__") and self.scores.get(r.name, 0) != 0]
+        self.lazy_metas = {n: f for n, f in functions.items()
+                           if n.startswith("__") or self.scores.get(n, 0) == 0}
         self.meta_count = len(order)
-        return namespace["_metas"]
+        return None
 
     def _skip(self, rule: Rule, reason: str) -> None:
         self.rs.rules.pop(rule.name, None)
@@ -176,7 +197,7 @@ class Engine:
             ctx = evals.EvalContext(view)
         ctx.rbl_sets = self.rbl_sets
         ctx.lists = {**self.rs.lists, **ctx.lists}
-        hits: dict[str, int] = _Hits()
+        hits = _Hits(self, view)
         self._run_headers(view, hits)
         units = {
             "body": lambda: view.paragraphs,
@@ -190,6 +211,7 @@ class Engine:
             "uri": lambda: view.uri_text,
             "full": lambda: view.full_text,
         }
+        hits.texts, hits.units = texts, units
         for kind, scans in self.scans.items():
             if scans:
                 self._run_kind(kind, scans, texts[kind](), units[kind], hits)
@@ -201,8 +223,20 @@ class Engine:
                 continue
             if n:
                 hits[rule.name] = int(n)
-        self._metas(hits)
+        for name, fn in self.eager_metas:
+            hits[name] = fn(hits)
         return {k: v for k, v in hits.items() if v}
+
+    def _count_deferred(self, kind: str, scan: _Scan, hits: "_Hits") -> int:
+        text = hits.text_of(kind)
+        if not text:
+            return 0
+        if scan.per_unit and kind != "full":
+            return _count_units(scan, hits.units_of(kind, scan.on_lower))
+        n = _count_joined(scan, hits.low_of(kind) if scan.on_lower else text, kind)
+        if n < 0:
+            n = _count_units(scan, hits.units_of(kind, scan.on_lower))
+        return n
 
     def _run_headers(self, view, hits) -> None:
         for (header, modifier), scans in self.headers.items():
@@ -259,9 +293,53 @@ class Engine:
 
 
 class _Hits(dict):
-    """Meta rules read unknown names (rules that did not hit) as 0."""
+    """Hit counts of one message.
+
+    A name not computed yet is looked up on first use: a lazy meta rule is
+    evaluated, a deferred sub-rule is run; anything else (a rule that did not
+    hit, a skipped rule) is 0.  Meta rules short-circuit (``&&`` stops at the
+    first false operand, cheap operands first), so an expensive sub-rule runs
+    only when its answer can change a scored rule.
+    """
+
+    def __init__(self, engine: "Engine", view):
+        super().__init__()
+        self.engine = engine
+        self.view = view
+        self.texts: dict = {}
+        self.units: dict = {}
+        self._cache: dict = {}
+
+    def text_of(self, kind: str) -> bytes:
+        key = ("text", kind)
+        if key not in self._cache:
+            self._cache[key] = self.texts[kind]()
+        return self._cache[key]
+
+    def low_of(self, kind: str) -> bytes:
+        key = ("low", kind)
+        if key not in self._cache:
+            self._cache[key] = self.text_of(kind).lower()
+        return self._cache[key]
+
+    def units_of(self, kind: str, lower: bool) -> list:
+        key = ("units", kind, lower)
+        if key not in self._cache:
+            units = self.units[kind]()
+            self._cache[key] = [u.lower() for u in units] if lower else units
+        return self._cache[key]
 
     def __missing__(self, key):
+        engine = self.engine
+        fn = engine.lazy_metas.get(key)
+        if fn is not None:
+            self[key] = 0  # cycles were removed; this only guards against surprises
+            value = self[key] = fn(self)
+            return value
+        deferred = engine.deferred.get(key)
+        if deferred is not None:
+            value = self[key] = engine._count_deferred(deferred[0], deferred[1], self)
+            return value
         return 0
 
 
@@ -307,9 +385,40 @@ def _count_units(scan: _Scan, units) -> int:
 _META_TOK = re.compile(r"([A-Za-z_]\w*)|(\d+(?:\.\d+)?)|(&&|\|\||==|!=|>=|<=|[-+*/<>()!])")
 
 
-def _meta_python(expr: str) -> str:
-    """Perl meta expression -> Python, ``!`` bound to its operand as in Perl."""
+def _meta_python(expr: str, costly=None) -> str:
+    """Perl meta expression -> Python, ``!`` bound to its operand as in Perl.
+
+    When the whole expression is a chain of ``&&`` (nothing looser, no
+    ``||``, at the top level), the operands are put cheap first: the result
+    is only used as true/false, and Python's ``and`` stops at the first
+    false operand, so costly sub-rules are often never run.
+    """
     toks = [m.group(0) for m in _META_TOK.finditer(expr)]
+    if costly is not None:
+        parts: list[list[str]] = [[]]
+        depth = 0
+        splittable = True
+        for t in toks:
+            if t == "(":
+                depth += 1
+            elif t == ")":
+                depth -= 1
+            if depth == 0 and t == "||":
+                splittable = False
+                break
+            if depth == 0 and t == "&&":
+                parts.append([])
+            else:
+                parts[-1].append(t)
+        if splittable and len(parts) > 1 and all(parts):
+            def cost(part):
+                return 1 if any(costly(t) for t in part if t[0].isalpha() or t[0] == "_") else 0
+            parts.sort(key=cost)
+            return " and ".join("(" + _operand_python(p) + ")" for p in parts)
+    return _operand_python(toks)
+
+
+def _operand_python(toks: list[str]) -> str:
     out: list[str] = []
     pending_not: list[int] = []  # '!' waiting for their operand, as open-paren depth marks
     depth = 0

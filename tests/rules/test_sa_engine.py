@@ -210,3 +210,25 @@ def test_broken_message_never_raises():
     engine = Engine(rs)
     for raw in (b"", b"\x00\xff\xfe", b"Subject: =?bogus?Q?x?=\r\n\r\n<html><a href=", b"no headers at all"):
         engine.run(MessageView(raw))
+
+
+def test_costly_sub_rules_run_only_when_a_meta_needs_their_answer(monkeypatch):
+    rs = load_text("body __COSTLY /\\d+\\s?(?:x|y)z/\nheader __CHEAP exists:X-Mailer\n"
+                   "meta BOTH __COSTLY && __CHEAP\nbody __ALSO /\\w\\s?(?:p|q)r/\nmeta EITHER __ALSO || __CHEAP\n")
+    engine = Engine(rs)
+    assert set(engine.deferred) == {"__COSTLY", "__ALSO"}
+    ran = []
+    real = Engine._count_deferred
+
+    def spy(self, kind, scan, hits):
+        ran.append(scan.rule.name)
+        return real(self, kind, scan, hits)
+
+    monkeypatch.setattr(Engine, "_count_deferred", spy)
+    raw = msg("Subject: order", "please send 12 xz today\nwpr\n")
+    assert set(engine.run(MessageView(raw))) == {"__ALSO", "EITHER"}  # no X-Mailer: BOTH is false
+    assert ran == ["__ALSO"]  # __COSTLY never ran: the cheap operand decided BOTH
+    ran.clear()
+    with_mailer = msg("Subject: order\nX-Mailer: m", "please send 12 xz today\n")
+    assert set(engine.run(MessageView(with_mailer))) >= {"__COSTLY", "__CHEAP", "BOTH"}
+    assert "__COSTLY" in ran
