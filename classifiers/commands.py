@@ -111,35 +111,54 @@ def _size(path: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from classifiers.model import HAM, SPAM, BayesModel
+    import scipy.sparse
+
+    from classifiers.model import HAM, SPAM, BayesModel, message_digest
+    from gateway.sources import iter_messages
 
     _check_paths(args.spam + args.ham)
     _, bayes, model_path = _settings(args)
     started = time.monotonic()
     model = BayesModel()
     progress = Progress("reading", _count_files(args.spam + args.ham))
-    rows = _read(args.spam, SPAM, model.tokens, progress) + _read(args.ham, HAM, model.tokens, progress)
-    progress.close()
-
+    # hashed rows in batches: a large mail store never sits in memory as text
     seen: dict[bytes, int] = {}
-    keep, duplicates, conflicts = [], 0, 0
-    for sample, digest in rows:
-        before = seen.get(digest)
-        if before is None:
-            seen[digest] = sample.label
-            keep.append(sample)
-        elif before == sample.label:
-            duplicates += 1
-        else:
-            conflicts += 1  # the same message given as spam and as ham: first one wins
-    nspam = sum(1 for s in keep if s.label == SPAM)
-    nham = len(keep) - nspam
+    blocks, labels, batch, batch_labels = [], [], [], []
+    duplicates = conflicts = 0
+
+    def flush():
+        if batch:
+            blocks.append(model.vectors(batch))
+            labels.extend(batch_labels)
+            batch.clear()
+            batch_labels.clear()
+
+    for label, paths in ((SPAM, args.spam), (HAM, args.ham)):
+        for _, raw in iter_messages(paths):
+            progress.step()
+            digest = message_digest(raw)
+            before = seen.get(digest)
+            if before is not None:
+                # the same message twice counts once; given as spam and as
+                # ham, the first label wins
+                duplicates += before == label
+                conflicts += before != label
+                continue
+            seen[digest] = label
+            batch.append(model.tokens(raw))
+            batch_labels.append(label)
+            if len(batch) >= 1000:
+                flush()
+    flush()
+    progress.close()
+    y = np.array(labels, dtype=int)
+    nspam, nham = int((y == SPAM).sum()), int((y == HAM).sum())
     if not nspam or not nham:
         raise MailGateError(f"found {nspam} spam and {nham} ham messages; training needs both "
                             f"(spam from {' '.join(args.spam)}, ham from {' '.join(args.ham)})")
     if args.verbose:
         print(f"fitting on {nspam} spam, {nham} ham ...", file=sys.stderr)
-    model.fit(model.vectors([s.tokens for s in keep]), np.array([s.label for s in keep]))
+    model.fit(scipy.sparse.vstack(blocks).tocsr(), y)
     for digest, label in seen.items():
         model.record(digest, label)
     model.save(model_path)
