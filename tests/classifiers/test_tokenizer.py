@@ -129,6 +129,10 @@ HOSTILE = {
     "html junk": b"Content-Type: text/html\r\n\r\n<<<<a href='\x00'><img src=\"http://[::1:bad]/\"><!-- <" + b"<b>" * 5000,
     "weird url": b"Subject: x\r\n\r\nhttp://%%%%:99999999@@@/.. https://xn--a.xn--/ http://" + b"a." * 1000,
     "mbox line only": b"From someone Mon Jan 1 00:00:00 2024",
+    "encoded-word bomb": b"Subject: " + b" ".join([b"=?utf-8?q?a=C3=A9?="] * 20000) + b"\r\n\r\nx",
+    "address bomb": b"To: " + b", ".join(b"u%d@d%d.example" % (i, i) for i in range(20000)) + b"\r\n\r\nx",
+    "part bomb": b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+                 + b"--B\r\nContent-Type: text/plain\r\n\r\nhello\r\n" * 20000 + b"--B--",
 }
 
 
@@ -158,6 +162,19 @@ def test_huge_text_body_is_capped_in_tokens():
     toks = tokenize(raw, settings)
     assert len(toks) <= settings.max_tokens + 1
     assert "tokenizer:capped" in toks
+
+
+def test_header_values_are_cut_before_decoding():
+    toks = tokenize(HOSTILE["encoded-word bomb"])
+    subject = [t for t in toks if t.startswith("subject:")]
+    assert subject and all(len(t) <= len("subject:") + 20 for t in subject)
+    assert "to:count:256" in tokenize(HOSTILE["address bomb"])  # 4000 characters of addresses
+
+
+def test_parts_beyond_the_cap_are_not_walked():
+    toks = tokenize(HOSTILE["part bomb"])
+    assert toks.count("hello") < TokenizerSettings().max_parts
+    assert "mime:many-parts" in toks
 
 
 def test_non_bytes_input_is_reported_not_raised():
