@@ -280,8 +280,13 @@ class Engine:
             return unit_lists[lower]
 
         for scan in scans:
-            if scan.needles is not None and not any(map(low.__contains__, scan.needles)):
-                continue
+            needles = scan.needles
+            if needles is not None:
+                if len(needles) == 1:
+                    if needles[0] not in low:
+                        continue
+                elif not any(map(low.__contains__, needles)):
+                    continue
             if scan.per_unit and kind != "full":
                 n = _count_units(scan, unit_list(scan.on_lower))
             else:

@@ -192,6 +192,7 @@ class MessageView:
         self.envelope_sender = envelope_sender
         self.recipients = list(recipients)
         self.relays = relays or {}
+        self._mime_cache: dict = {}
 
     @cached_property
     def parsed(self):
@@ -280,12 +281,16 @@ class MessageView:
         return out
 
     def mime_header(self, name: str, raw: bool = False) -> list[bytes]:
+        cached = self._mime_cache.get((name.lower(), raw))
+        if cached is not None:
+            return cached
         key = name.lower()
         out = []
         for headers in self.mime_headers:
             for k, v in headers:
                 if k.lower() == key:
                     out.append(_u8((v if raw else decode_header(v)).strip("\r\n") + "\n"))
+        self._mime_cache[(key, raw)] = out
         return out
 
     # --- bodies -----------------------------------------------------------------
