@@ -368,6 +368,138 @@ def _range2_check(args):
     return None
 
 
+# --- dates, capitals, more HTML -----------------------------------------------------
+
+_RCVD_DATE = re.compile(r";\s*([^;]*\d{1,2}\s+\w{3}\s+\d{2,4}\s+\d{1,2}:\d{2}[^;]*)$", re.S)
+
+
+def _date_diff(ctx) -> Optional[float]:
+    """Date: header minus the closest Received: time, in seconds (as SpamAssassin)."""
+    if "date_diff" in ctx.cache:
+        return ctx.cache["date_diff"]
+    import email.utils
+
+    diff = None
+    dates = ctx.view.header_values("Date")
+    try:
+        when = email.utils.parsedate_to_datetime(dates[0].strip()).timestamp() if dates else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        when = None
+    if when is not None:
+        times = []
+        for value in ctx.view.header_values("Received"):
+            m = _RCVD_DATE.search(value.strip())
+            if not m:
+                continue
+            try:
+                times.append(email.utils.parsedate_to_datetime(m.group(1).strip()).timestamp())
+            except (TypeError, ValueError, OverflowError):
+                continue
+        if times:
+            diffs = [when - t for t in times]
+            if len(diffs) > 1 and diffs[-1] == 0:
+                diffs.pop()
+            diff = min(diffs, key=abs)
+    ctx.cache["date_diff"] = diff
+    return diff
+
+
+def _shifted_date(ctx, args):
+    diff = _date_diff(ctx)
+    if diff is None:
+        return 0
+    lo, hi = args
+    return 1 if ((lo == "undef" or diff >= 3600 * float(lo)) and (hi == "undef" or diff < 3600 * float(hi))) else 0
+
+
+def _shifted_date_check(args):
+    for a in args[:2]:
+        if a != "undef":
+            float(a)
+    return None if len(args) == 2 else "needs two bounds"
+
+
+_CAPS_FP_CHARSETS = re.compile(r"=\?(?:iso-2022-jp|euc-jp|shift-jis|big5|gb2312|euc-kr|ks_c_5601|koi8-r|"
+                               r"windows-125[01]|utf-8)\?", re.I)
+
+
+def _subject_all_caps(ctx, args):
+    vals = ctx.view.header_values("Subject")
+    if not vals:
+        return 0
+    subject = re.sub(r"^(?:(?:Re|Fwd|Fw|Aw|Antwort|WG|SV|VB|VS|VL):\s*)+", "", vals[0].strip(), flags=re.I)
+    if not re.search(r"\s", subject) or len(subject) < 10:
+        return 0
+    if any(_CAPS_FP_CHARSETS.search(v) for v in ctx.view.header_values("Subject", raw=True)):
+        return 0
+    letters = re.sub(r"[^a-zA-Z]", "", subject)
+    return 1 if letters and letters == letters.upper() else 0
+
+
+def _uppercase(ctx, args):
+    """Share of upper-case letters in the body, in percent (SpamAssassin's counting)."""
+    if "uppercase" not in ctx.cache:
+        length = lower = upper = 0
+        for para in ctx.view.paragraphs[1:]:  # the Subject is not body text here
+            if not re.search(rb"\S\s+\S", para) or re.match(rb"(?:[A-Za-z0-9+/=]{60,76} ){2}", para):
+                continue
+            length += len(para)
+            lower += sum(1 for b in para if 0x61 <= b <= 0x7a or 0x30 <= b <= 0x39)
+            upper += sum(1 for b in para if 0x41 <= b <= 0x5a)
+        ctx.cache["uppercase"] = 0.0 if length < 200 or not (lower + upper) else 100.0 * upper / (lower + upper)
+    value = ctx.cache["uppercase"]
+    return 1 if float(args[0]) < value <= float(args[1]) else 0
+
+
+def _html_image_only(ctx, args):
+    r = ctx.view.html
+    if r is None or not r.tags.get("img"):
+        return 0
+    length = len(re.sub(r"\s+", "", "".join(r.text)))
+    return 1 if float(args[0]) < length <= float(args[1]) else 0
+
+
+_EXPR = re.compile(r"^\s*(==|!=|<=|>=|<|>)\s*(-?\d+)\s*$")
+
+
+def _compare(value: float, expr: str) -> bool:
+    m = _EXPR.match(expr)
+    op, n = m.group(1), float(m.group(2))
+    return {"==": value == n, "!=": value != n, "<=": value <= n, ">=": value >= n,
+            "<": value < n, ">": value > n}[op]
+
+
+def _html_tag_balance(ctx, args):
+    r = ctx.view.html
+    if r is None or args[0].lower() not in r.tags:
+        return 0
+    return 1 if _compare(float(r.balance.get(args[0].lower(), 0)), args[1]) else 0
+
+
+def _expr_check(args):
+    return None if len(args) == 2 and _EXPR.match(args[1]) else "needs a tag and a comparison such as '!= 0'"
+
+
+def _html_eval(ctx, args):
+    r = ctx.view.html
+    if r is None:
+        return 0
+    return 1 if _compare(_html_values(r)[args[0]], args[1]) else 0
+
+
+def _html_eval_check(args):
+    if len(args) != 2 or args[0] not in _HTML_RANGE_KEYS or not _EXPR.match(args[1]):
+        return f"html_eval{args!r} not implemented"
+    return None
+
+
+def _mime_html(ctx, args):
+    ctypes = ctx.view.header_values("Content-Type")
+    if ctypes and ctypes[0].strip().lower().startswith("text/html"):
+        return 1
+    return 1 if ctx.view.html is not None else 0
+
+
 _H = ("header",)
 _B = ("body", "rawbody", "full")
 EVALS: dict[str, Eval] = {
@@ -400,4 +532,11 @@ EVALS: dict[str, Eval] = {
     "html_tag_exists": Eval(_B, _html_tag_exists, lambda a: None if a else "needs a tag name"),
     "html_text_match": Eval(_B, _html_text_match, _html_text_match_check),
     "html_image_ratio": Eval(_B, _html_image_ratio, _range2_check),
+    "check_for_shifted_date": Eval(_H, _shifted_date, _shifted_date_check),
+    "subject_is_all_caps": Eval(_H, _subject_all_caps),
+    "check_for_uppercase": Eval(_B, _uppercase, _range2_check),
+    "html_image_only": Eval(_B, _html_image_only, _range2_check),
+    "html_tag_balance": Eval(_B, _html_tag_balance, _expr_check),
+    "html_eval": Eval(_B, _html_eval, _html_eval_check),
+    "check_for_mime_html": Eval(_B, _mime_html),
 }

@@ -72,8 +72,10 @@ class HtmlRender(HTMLParser):
         self._in_anchor = 0
         self.embeds = False
         self.form_action_mailto = False
+        self.balance: dict[str, int] = {}  # open minus close tags, per tag (html_tag_balance)
 
     def handle_starttag(self, tag, attrs):
+        self.balance[tag] = self.balance.get(tag, 0) + 1
         self.total_tags += 1
         self.tags[tag] = self.tags.get(tag, 0) + 1
         if tag not in KNOWN_TAGS:
@@ -112,10 +114,12 @@ class HtmlRender(HTMLParser):
 
     def handle_startendtag(self, tag, attrs):
         self.handle_starttag(tag, attrs)
+        self.balance[tag] -= 1
         if tag not in _VOID and self._open.get(tag):
             self._open[tag] -= 1
 
     def handle_endtag(self, tag):
+        self.balance[tag] = self.balance.get(tag, 0) - 1
         if self._open.get(tag, 0) > 0:
             self._open[tag] -= 1
         else:

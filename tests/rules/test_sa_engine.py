@@ -232,3 +232,29 @@ def test_costly_sub_rules_run_only_when_a_meta_needs_their_answer(monkeypatch):
     with_mailer = msg("Subject: order\nX-Mailer: m", "please send 12 xz today\n")
     assert set(engine.run(MessageView(with_mailer))) >= {"__COSTLY", "__CHEAP", "BOTH"}
     assert "__COSTLY" in ran
+
+
+DATED = msg("Received: from a.test by mx.test; Sat, 28 Nov 2026 12:00:00 +0000\n"
+            "Date: Sat, 28 Nov 2026 20:00:00 +0000\nSubject: BUY NOW CHEAP WATCHES\nTo: x@y.test",
+            ("THIS IS A VERY LOUD MESSAGE WRITTEN IN CAPITALS FROM START TO END, " * 4) + "\n")
+
+
+@pytest.mark.parametrize("rule,raw,hit", [
+    ("header R eval:check_for_shifted_date('6', '12')", DATED, True),  # Date 8 h after Received
+    ("header R eval:check_for_shifted_date('-12', '-6')", DATED, False),
+    ("header R eval:check_for_shifted_date('undef', '-96')", PLAIN, False),  # no dates: nothing to say
+    ("header R eval:subject_is_all_caps()", DATED, True),
+    ("header R eval:subject_is_all_caps()", PLAIN, False),
+    ("body R eval:check_for_uppercase('75', '100')", DATED, True),
+    ("body R eval:check_for_uppercase('75', '100')", SPAMMY, False),
+    ("body R eval:html_tag_balance('blink', '== 0')", HTML, True),
+    ("body R eval:html_tag_balance('p', '!= 0')", HTML, False),
+    ("body R eval:html_eval('length', '< 1000')", HTML, True),
+    ("body R eval:html_image_only('0', '400')", HTML, False),
+    ("body R eval:check_for_mime_html()", HTML, True),
+    ("body R eval:check_for_mime_html()", PLAIN, False),
+])
+def test_more_native_evals(rule, raw, hit):
+    rs = load_text(rule)
+    assert not rs.skipped, rs.skipped
+    assert ("R" in Engine(rs).run(MessageView(raw))) is hit
