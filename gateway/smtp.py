@@ -568,6 +568,7 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _judged(self, data_records, envelope, message):
         verdict = self.runtime.scorer.decide(self._all_records(envelope, data_records))
+        self._after_verdict(verdict)
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
             self._log_message(envelope, verdict, verdict.reply)
             return self._send(verdict.reply)
@@ -586,6 +587,23 @@ class GatewaySMTP(smtp.ESMTP):
             d = self.factory.enqueue(entry, finished)
         return d.addCallbacks(self._queued, self._spool_failed, callbackArgs=(envelope, verdict),
                               errbackArgs=(envelope, verdict))
+
+    def _after_verdict(self, verdict) -> None:
+        """Checks that learn from the final verdict (Bayes autolearn) see it here;
+        what they do never changes this message's reply."""
+        txn = self._txn
+        for check in self.runtime.pipeline.by_stage[Stage.DATA]:
+            hook = getattr(check, "after_verdict", None)
+            if hook is None:
+                continue
+            try:
+                d = hook(txn, verdict)
+            except Exception:
+                log.exception("queue_id=%s check=%s after_verdict failed", txn.queue_id, check.name)
+                continue
+            if isinstance(d, defer.Deferred):
+                d.addErrback(lambda f, name=check.name: log.error(
+                    "queue_id=%s check=%s after_verdict failed: %s", txn.queue_id, name, f.getErrorMessage()))
 
     def _queued(self, _, envelope, verdict):
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")

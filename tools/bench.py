@@ -163,7 +163,22 @@ def main(argv=None) -> int:
         rows += run_relay(sink_port, dns.nameserver, tmp / "default", sessions, args.messages, "default checks")
         rows += run_relay(sink_port, dns.nameserver, tmp / "bare", sessions, args.messages, "relay only",
                           extra='[checks]\ndisabled = ["' + '", "'.join(_all_checks()) + '"]\n')
+        # clamd on vs off: our Received header makes every message unique, so
+        # clamd's cache of clean results does not flatter the figure
+        from tools.bench_av import scanner_toml, start_bench_clamd
+
+        socket_path, stop_clamd = start_bench_clamd(str(tmp))
+        try:
+            rows += run_relay(sink_port, dns.nameserver, tmp / "clamd", sessions, args.messages,
+                              "default + clamd", extra=scanner_toml(socket_path))
+        finally:
+            stop_clamd()
         print_rows(rows)
+        by = {(r[0], r[1]): r for r in rows}
+        for s in sessions:
+            on, off = by.get(("default + clamd", s)), by.get(("default checks", s))
+            if on and off:
+                print(f"clamd on/off at {s} sessions: {on[4] / off[4]:.2f} of the delivered throughput")
     finally:
         dns.stop(final=True)
         sink.terminate()
