@@ -31,6 +31,7 @@ MAX_PARTS = 200
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _WS = re.compile(r"[ \t\n\r\x0b\xa0]+")
 _PARA = re.compile(r"\n[ \t\r\x0b\xa0]*\n+")
+_HTML_WS = re.compile(r"[ \t\r\n\f]+")
 
 # HTML elements a browser knows; anything else counts as a "bad" tag
 KNOWN_TAGS = frozenset("""a abbr acronym address applet area article aside audio b base basefont bdi bdo
@@ -70,6 +71,7 @@ class HtmlRender(HTMLParser):
         self._skip = 0  # inside <script>/<style>
         self._in_title = False
         self._in_anchor = 0
+        self._pre = 0
         self.embeds = False
         self.form_action_mailto = False
         self.balance: dict[str, int] = {}  # open minus close tags, per tag (html_tag_balance)
@@ -86,6 +88,8 @@ class HtmlRender(HTMLParser):
         attr = _URI_ATTRS.get(tag)
         if attr and a.get(attr):
             self.links.append(a[attr].strip())
+        if tag == "pre":
+            self._pre += 1
         if tag in ("script", "style"):
             self._skip += 1
         elif tag == "title":
@@ -124,6 +128,8 @@ class HtmlRender(HTMLParser):
             self._open[tag] -= 1
         else:
             self.closed_extra += 1
+        if tag == "pre" and self._pre:
+            self._pre -= 1
         if tag in ("script", "style") and self._skip:
             self._skip -= 1
         elif tag == "title":
@@ -136,6 +142,9 @@ class HtmlRender(HTMLParser):
     def handle_data(self, data):
         if self._skip:
             return
+        if not self._pre:
+            # line breaks in HTML source are spaces; only tags break lines
+            data = _HTML_WS.sub(" ", data)
         if self._in_title:
             self.title.append(data)
             return
