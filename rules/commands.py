@@ -8,7 +8,7 @@ from collections import Counter
 
 def cmd_rules_lint(args) -> int:
     from gateway.cli import load_config
-    from rules.sa.ruleset import KINDS, REGEX_KINDS
+    from rules.sa.ruleset import KINDS
     from rules.sa_check import load_engine, rule_dirs
 
     config = load_config(args)
@@ -25,7 +25,7 @@ def cmd_rules_lint(args) -> int:
         evals = sum(1 for r in rs.rules.values() if r.kind == kind and r.eval is not None)
         extra = f" ({evals} eval)" if evals else ""
         print(f"  {kind:<11} {counts.get(kind, 0):>5}{extra}  skipped {skipped_by_kind.get(kind, 0)}")
-    regex_loaded = sum(1 for r in rs.rules.values() if r.kind in REGEX_KINDS and r.eval is None)
+    regex_loaded = sum(1 for r in rs.rules.values() if r.parsed is not None)
     regex_skipped = sum(1 for s in rs.skipped.values() if s.regex)
     total = regex_loaded + regex_skipped
     share = 100.0 * regex_skipped / total if total else 0.0
