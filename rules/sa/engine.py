@@ -88,9 +88,10 @@ class Engine:
         self.mimeheaders: list[_Scan] = []
         self.scans: dict[str, list[_Scan]] = {k: [] for k in ("body", "rawbody", "full", "uri")}
         self.evals: list[Rule] = []
-        # sub-rules (__NAME) no literal pre-filter can skip: run only when a
-        # meta rule asks for their value (see _Hits)
+        # sub-rules (__NAME) of the body kinds run only when a meta rule asks
+        # for their value (see _Hits)
         self.deferred: dict[str, tuple[str, _Scan]] = {}
+        self.deferred_headers: dict[str, _Scan] = {}
         metas: list[Rule] = []
         for name, rule in rs.rules.items():
             if rule.eval is not None and rule.eval[0] in ("check_rbl", "check_rbl_txt") and rule.eval[1]:
@@ -106,16 +107,23 @@ class Engine:
                 self.exists.append(rule)
             else:
                 scan = self._scan(rule)
-                if rule.kind == "header":
+                if rule.kind == "header" and name.startswith("__"):
+                    self.deferred_headers[name] = scan
+                elif rule.kind == "header":
                     for h in rule.headers:
                         self.headers.setdefault((h, rule.modifier), []).append(scan)
                 elif rule.kind == "mimeheader":
                     self.mimeheaders.append(scan)
-                elif name.startswith("__") and scan.needles is None:
+                elif name.startswith("__"):
                     self.deferred[name] = (rule.kind, scan)
                 else:
                     self.scans[rule.kind].append(scan)
         self._compile_metas(metas)
+        # every name a meta may read that is computed eagerly starts at 0, so
+        # reading a miss is a plain dict lookup, not a __missing__ call
+        lazy = set(self.lazy_metas) | set(self.deferred) | set(self.deferred_headers)
+        names = {d for r in metas for d in meta_names(r.meta)}
+        self._zeros = dict.fromkeys((n for n in names if n not in lazy), 0)
 
     def _scan(self, rule: Rule) -> _Scan:
         flags = self.rs.tflags.get(rule.name, set())
@@ -198,6 +206,7 @@ class Engine:
         ctx.rbl_sets = self.rbl_sets
         ctx.lists = {**self.rs.lists, **ctx.lists}
         hits = _Hits(self, view)
+        hits.update(self._zeros)
         self._run_headers(view, hits)
         units = {
             "body": lambda: view.paragraphs,
@@ -227,10 +236,21 @@ class Engine:
             hits[name] = fn(hits)
         return {k: v for k, v in hits.items() if v}
 
+    def _header_deferred(self, scan: _Scan, hits: "_Hits") -> int:
+        for h in scan.rule.headers:
+            value, value_low = hits.header_of(h, scan.rule.modifier)
+            if _header_match(scan, value, value_low):
+                return 1
+        return 0
+
     def _count_deferred(self, kind: str, scan: _Scan, hits: "_Hits") -> int:
         text = hits.text_of(kind)
         if not text:
             return 0
+        if scan.needles is not None:
+            low = hits.low_of(kind)
+            if not any(map(low.__contains__, scan.needles)):
+                return 0
         if scan.per_unit and kind != "full":
             return _count_units(scan, hits.units_of(kind, scan.on_lower))
         n = _count_joined(scan, hits.low_of(kind) if scan.on_lower else text, kind)
@@ -240,18 +260,9 @@ class Engine:
 
     def _run_headers(self, view, hits) -> None:
         for (header, modifier), scans in self.headers.items():
-            value = view.header(header, modifier)
-            value_low = value.lower() if value is not None else None
+            value, value_low = hits.header_of(header, modifier)
             for scan in scans:
-                v, low = value, value_low
-                if v is None:
-                    v = scan.rule.if_unset if scan.rule.if_unset is not None else b""
-                    low = v.lower()
-                if scan.needles is not None and not scan.rule.negate:
-                    if not any(map(low.__contains__, scan.needles)):
-                        continue
-                found = scan.regex.search(low if scan.on_lower else v) is not None
-                if found != scan.rule.negate:
+                if _header_match(scan, value, value_low):
                     hits[scan.rule.name] = 1
         for rule in self.exists:
             if any(view.header_values(h, raw=True) for h in rule.headers):
@@ -334,6 +345,13 @@ class _Hits(dict):
             self._cache[key] = [u.lower() for u in units] if lower else units
         return self._cache[key]
 
+    def header_of(self, name: str, modifier: str) -> tuple:
+        key = ("h", name, modifier)
+        if key not in self._cache:
+            value = self.view.header(name, modifier)
+            self._cache[key] = (value, value.lower() if value is not None else None)
+        return self._cache[key]
+
     def __missing__(self, key):
         engine = self.engine
         fn = engine.lazy_metas.get(key)
@@ -341,11 +359,26 @@ class _Hits(dict):
             self[key] = 0  # cycles were removed; this only guards against surprises
             value = self[key] = fn(self)
             return value
+        scan = engine.deferred_headers.get(key)
+        if scan is not None:
+            value = self[key] = engine._header_deferred(scan, self)
+            return value
         deferred = engine.deferred.get(key)
         if deferred is not None:
             value = self[key] = engine._count_deferred(deferred[0], deferred[1], self)
             return value
         return 0
+
+
+def _header_match(scan: _Scan, value, value_low) -> bool:
+    if value is None:
+        value = scan.rule.if_unset if scan.rule.if_unset is not None else b""
+        value_low = value.lower()
+    if scan.needles is not None and not scan.rule.negate:
+        if not any(map(value_low.__contains__, scan.needles)):
+            return False
+    found = scan.regex.search(value_low if scan.on_lower else value) is not None
+    return found != scan.rule.negate
 
 
 def _crosses(match: re.Match, kind: str) -> bool:

@@ -614,7 +614,8 @@ def _guarded_tree(p, icase: bool, depth: int = 0):
             alts = [_guarded_tree(alt, icase, depth + 1) for alt in av[1]]
             if any(a is not b for a, b in zip(alts, av[1])):
                 av, changed = (av[0], alts), True
-            if len(av[1]) >= MIN_BRANCH_GUARD:
+            # a leading alternation of the whole pattern is already pre-scanned by sre
+            if len(av[1]) >= MIN_BRANCH_GUARD and not (depth == 0 and not data):
                 first, nullable = _first([(op, av)], icase)
                 if first and not nullable and len(first) <= 160:
                     data.append(_guard_node(first, p))
@@ -695,7 +696,8 @@ def optimise_parsed(parsed: Parsed, top_guard: bool = True, extra_flags: int = 0
                     pass
             icase = bool(flags & re.IGNORECASE)
             tree = _guarded_tree(tree, icase)
-            if top_guard:
+            # sre scans for a leading literal or class itself, much faster than a lookahead
+            if top_guard and tree.data and tree.data[0][0] not in (_sre_c.LITERAL, _sre_c.IN, _BRANCH):
                 first, nullable = _first(list(tree.data), icase)
                 if first and not nullable and len(first) <= 128 and not (
                         tree.data and tree.data[0][0] is _sre_c.ASSERT):
