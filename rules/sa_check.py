@@ -97,15 +97,33 @@ def load_engine(settings: RulesSettings) -> Engine:
     return Engine(rs, settings.score_set, owned_elsewhere=owned)
 
 
-def relays_header(txn, hostname: str) -> dict[str, bytes]:
-    """SpamAssassin's X-Spam-Relays-* pseudo-headers for the one hop we saw."""
+_OUR_RECEIVED = re.compile(
+    rb"^Received: from (\S+) \((?:(\S+) )?\[(?:IPv6:)?([^\]]+)\]\)", re.I)
+
+
+def client_relay(txn) -> dict:
+    """The hop we saw: client IP, HELO, forward-confirmed rDNS, trust.
+
+    The rDNS name comes from our own Received header (the first line of the
+    message), where the SMTP server records it only when forward-confirmed.
+    """
     s = txn.session
+    rdns = ""
+    m = _OUR_RECEIVED.match(txn.message.raw[:512]) if txn.message is not None else None
+    if m and m.group(2) and m.group(3).decode("ascii", "replace") == str(s.ip):
+        rdns = m.group(2).decode("ascii", "replace").lower()
+    return {"ip": str(s.ip), "rdns": rdns, "helo": s.helo or "", "trusted": bool(s.trusted),
+            "auth": s.auth_user or ""}
+
+
+def relays_header(txn, hostname: str, relay: Optional[dict] = None) -> dict[str, bytes]:
+    """SpamAssassin's X-Spam-Relays-* pseudo-headers for the one hop we saw."""
+    relay = relay or client_relay(txn)
     env = txn.envelope
-    rdns = txn.state.get("rdns") or ""
-    entry = (f"[ ip={s.ip} rdns={rdns} helo={s.helo or ''} by={hostname} ident= "
-             f"envfrom={env.sender if env else ''} intl={1 if s.trusted else 0} id={txn.queue_id} "
-             f"auth={s.auth_user or ''} msa=0 ]").encode()
-    if s.trusted:
+    entry = (f"[ ip={relay['ip']} rdns={relay['rdns']} helo={relay['helo']} by={hostname} ident= "
+             f"envfrom={env.sender if env else ''} intl={1 if relay['trusted'] else 0} id={txn.queue_id} "
+             f"auth={relay['auth']} msa=0 ]").encode()
+    if relay["trusted"]:
         return {"x-spam-relays-trusted": entry, "x-spam-relays-internal": entry}
     return {"x-spam-relays-untrusted": entry, "x-spam-relays-external": entry,
             "x-spam-last-external-relay": entry}
@@ -173,11 +191,13 @@ class SaRules(Check):
 
     def evaluate(self, txn) -> list[Result]:
         env = txn.envelope
+        relay = client_relay(txn)
         view = MessageView(
             txn.message.raw, txn.message.parsed,
             envelope_sender=env.sender if env else "",
             recipients=[r.address for r in env.recipients] if env else [],
-            relays=relays_header(txn, self.hostname),
+            relays=relays_header(txn, self.hostname, relay),
+            relay=relay,
         )
         a, txt = dnsbl_answers(txn)
         lists = {k: v for k, v in self.lists.items() if v}

@@ -500,6 +500,52 @@ def _mime_html(ctx, args):
     return 1 if ctx.view.html is not None else 0
 
 
+# --- the relay we saw (RelayEval) ---------------------------------------------------
+
+
+def _all_trusted(ctx, args):
+    relay = ctx.view.relay
+    return 1 if relay is not None and relay.get("trusted") else 0
+
+
+def _no_relays(ctx, args):
+    return 1 if ctx.view.relay is None and not ctx.view.header_values("Received") else 0
+
+
+def _relays_unparseable(ctx, args):
+    return 0  # the one relay we know is our own SMTP session, never unparseable
+
+
+def _helo_ip_mismatch(ctx, args):
+    """HELO is an IP address literal whose /16 is not the client's (SpamAssassin's test)."""
+    import ipaddress
+
+    relay = ctx.view.relay
+    if relay is None or relay.get("trusted"):
+        return 0
+    helo = relay.get("helo", "").strip("[]")
+    try:
+        claimed = ipaddress.ip_address(helo.removeprefix("IPv6:"))
+        actual = ipaddress.ip_address(relay.get("ip", ""))
+    except ValueError:
+        return 0
+    rfc1918 = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8")]
+    if claimed.version != 4 or actual.version != 4 or any(a in n for a in (claimed, actual) for n in rfc1918):
+        return 0  # private addresses say nothing across a NAT
+    return 1 if str(claimed).split(".")[:2] != str(actual).split(".")[:2] else 0
+
+
+_DOTCOM_HELO = re.compile(r"(?:\.|^)(?:lycos\.com|lycos\.co\.uk|hotmail\.com|localhost\.com|excite\.com|"
+                          r"caramail\.com|cs\.com|aol\.com|msn\.com|yahoo\.com|drizzle\.com)$", re.I)
+
+
+def _no_rdns_dotcom_helo(ctx, args):
+    relay = ctx.view.relay
+    if relay is None or relay.get("trusted") or relay.get("rdns"):
+        return 0
+    return 1 if _DOTCOM_HELO.search(relay.get("helo", "")) else 0
+
+
 _H = ("header",)
 _B = ("body", "rawbody", "full")
 EVALS: dict[str, Eval] = {
@@ -539,4 +585,9 @@ EVALS: dict[str, Eval] = {
     "html_tag_balance": Eval(_B, _html_tag_balance, _expr_check),
     "html_eval": Eval(_B, _html_eval, _html_eval_check),
     "check_for_mime_html": Eval(_B, _mime_html),
+    "check_all_trusted": Eval(_H, _all_trusted),
+    "check_no_relays": Eval(_H, _no_relays),
+    "check_relays_unparseable": Eval(_H, _relays_unparseable),
+    "helo_ip_mismatch": Eval(_H, _helo_ip_mismatch),
+    "check_for_no_rdns_dotcom_helo": Eval(_H, _no_rdns_dotcom_helo),
 }

@@ -199,12 +199,14 @@ class MessageView:
     """The message as the rules see it; every view is computed on first use."""
 
     def __init__(self, raw: bytes, parsed=None, envelope_sender: str = "", recipients=(),
-                 relays: Optional[dict[str, bytes]] = None):
+                 relays: Optional[dict[str, bytes]] = None, relay: Optional[dict] = None):
         self.raw = raw
         self._parsed = parsed
         self.envelope_sender = envelope_sender
         self.recipients = list(recipients)
         self.relays = relays or {}
+        # the hop we saw (ip, rdns, helo, trusted, auth); None when judging a file
+        self.relay = relay
         self._mime_cache: dict = {}
 
     @cached_property

@@ -36,6 +36,7 @@ PLUGINS = {
     "Mail::SpamAssassin::Plugin::MIMEEval",
     "Mail::SpamAssassin::Plugin::WLBLEval",
     "Mail::SpamAssassin::Plugin::DNSEval",
+    "Mail::SpamAssassin::Plugin::RelayEval",
     "Mail::SpamAssassin::Plugin::Check",
 }
 # ``if can(...)`` features: true for what this engine does

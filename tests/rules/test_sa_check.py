@@ -154,3 +154,35 @@ def test_e2e_stock_rules_by_default_and_gtube_counted_once(mailgate, sink):
     assert spam.count(b"GTUBE=1000") == 1  # rules/gtube.py scores it; the SA rule of that name does not
     score = float(spam.split(b"X-Spam-Score: ")[1].split(b"\r\n")[0])
     assert 1000 <= score < 1100
+
+
+def test_relay_pseudo_headers_take_rdns_from_our_received_header():
+    from rules.sa_check import client_relay, relays_header
+
+    raw = (b"Received: from mail.sender.test (mail.sender.test [192.0.2.1])\r\n\tby mx.gateway.test (MailGate)"
+           b" with ESMTP id Q1;\r\n\tSat, 28 Nov 2026 19:00:00 +0000\r\n" + PHISH)
+    txn = Transaction(Session("Q1", "192.0.2.1", helo="mail.sender.test"), Envelope("Q1", "x@evil.test"),
+                      Message(raw))
+    relay = client_relay(txn)
+    assert relay["rdns"] == "mail.sender.test" and not relay["trusted"]
+    entry = relays_header(txn, "mx.gateway.test")["x-spam-relays-untrusted"]
+    assert entry.startswith(b"[ ip=192.0.2.1 rdns=mail.sender.test helo=mail.sender.test by=mx.gateway.test")
+    unconfirmed = raw.replace(b"(mail.sender.test [192.0.2.1])", b"([192.0.2.1])")
+    assert client_relay(Transaction(txn.session, txn.envelope, Message(unconfirmed)))["rdns"] == ""
+
+
+def test_relay_evals_see_the_session(tmp_path):
+    rules = tmp_path / "r"
+    rules.mkdir()
+    (rules / "relay.cf").write_text(
+        "ifplugin Mail::SpamAssassin::Plugin::RelayEval\nheader ALL_TRUSTED eval:check_all_trusted()\n"
+        "tflags ALL_TRUSTED nice\nheader HELO_IP eval:helo_ip_mismatch()\n"
+        "header DOTCOM eval:check_for_no_rdns_dotcom_helo()\nendif\n")
+    check = SaRules(load_engine(RulesSettings(dirs=[str(rules)])), RulesSettings(dirs=[str(rules)]))
+    env = Envelope("Q1", "x@evil.test")
+    trusted = Transaction(Session("Q1", "10.0.0.5", helo="pc1.example.test", trusted=True), env, Message(PHISH))
+    assert [(r.symbol, r.score) for r in check.check(trusted)] == [("ALL_TRUSTED", -1.0)]
+    forged = Transaction(Session("Q1", "192.0.2.1", helo="[198.51.100.7]"), env, Message(PHISH))
+    assert {r.symbol for r in check.check(forged)} == {"HELO_IP"}
+    dotcom = Transaction(Session("Q1", "192.0.2.1", helo="mx.hotmail.com"), env, Message(PHISH))
+    assert {r.symbol for r in check.check(dotcom)} == {"DOTCOM"}
