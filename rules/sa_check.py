@@ -106,13 +106,15 @@ def client_relay(txn) -> dict:
 
     The rDNS name comes from our own Received header (the first line of the
     message), where the SMTP server records it only when forward-confirmed.
+    A loopback client counts as trusted, as SpamAssassin always trusts
+    127.0.0.0/8: it is a program on this host.
     """
     s = txn.session
     rdns = ""
     m = _OUR_RECEIVED.match(txn.message.raw[:512]) if txn.message is not None else None
     if m and m.group(2) and m.group(3).decode("ascii", "replace") == str(s.ip):
         rdns = m.group(2).decode("ascii", "replace").lower()
-    return {"ip": str(s.ip), "rdns": rdns, "helo": s.helo or "", "trusted": bool(s.trusted),
+    return {"ip": str(s.ip), "rdns": rdns, "helo": s.helo or "", "trusted": bool(s.trusted or s.is_loopback),
             "auth": s.auth_user or ""}
 
 

@@ -153,7 +153,7 @@ def test_e2e_stock_rules_by_default_and_gtube_counted_once(mailgate, sink):
     assert b"MISSING_HEADERS=" in plain  # SpamAssassin's rule, from /usr/share/spamassassin
     assert spam.count(b"GTUBE=1000") == 1  # rules/gtube.py scores it; the SA rule of that name does not
     score = float(spam.split(b"X-Spam-Score: ")[1].split(b"\r\n")[0])
-    assert 1000 <= score < 1100
+    assert 990 <= score < 1100  # GTUBE once, give or take the other rules (ALL_TRUSTED for loopback)
 
 
 def test_relay_pseudo_headers_take_rdns_from_our_received_header():
