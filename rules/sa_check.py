@@ -118,6 +118,34 @@ def client_relay(txn) -> dict:
             "auth": s.auth_user or ""}
 
 
+def rules_signature(settings: RulesSettings) -> tuple:
+    """What the loaded rules depend on: settings plus every file's size and mtime."""
+    files = []
+    for d in rule_dirs(settings):
+        paths = [d] if os.path.isfile(d) else sorted(glob.glob(os.path.join(d, "*")))
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            files.append((p, st.st_size, st.st_mtime_ns))
+    return (settings.model_dump_json(), tuple(files))
+
+
+def cached_engine(settings: RulesSettings, store: Optional[dict]) -> Engine:
+    """The engine for these settings, reused across config reloads (SIGHUP)
+    while no rule file changed: loading the stock rules takes seconds."""
+    if store is None:
+        return load_engine(settings)
+    signature = rules_signature(settings)
+    cached = store.get("sa_rules.engine")
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    engine = load_engine(settings)
+    store["sa_rules.engine"] = (signature, engine)
+    return engine
+
+
 def relays_header(txn, hostname: str, relay: Optional[dict] = None) -> dict[str, bytes]:
     """SpamAssassin's X-Spam-Relays-* pseudo-headers for the one hop we saw."""
     relay = relay or client_relay(txn)
@@ -181,7 +209,7 @@ class SaRules(Check):
     @classmethod
     def from_config(cls, config, services):
         settings = config.rules
-        engine = load_engine(settings)
+        engine = cached_engine(settings, getattr(services, "extra", None))
         rs = engine.rs
         for s in rs.skipped.values():
             log.warning("rule skipped: %s (%s) at %s: %s", s.name, s.kind, s.source, s.reason)

@@ -186,3 +186,21 @@ def test_relay_evals_see_the_session(tmp_path):
     assert {r.symbol for r in check.check(forged)} == {"HELO_IP"}
     dotcom = Transaction(Session("Q1", "192.0.2.1", helo="mx.hotmail.com"), env, Message(PHISH))
     assert {r.symbol for r in check.check(dotcom)} == {"DOTCOM"}
+
+
+def test_engine_is_reused_across_reloads_until_a_rule_file_changes(tmp_path):
+    import os as _os
+
+    from rules.sa_check import cached_engine
+
+    rules = tmp_path / "r"
+    rules.mkdir()
+    (rules / "a.cf").write_text("header A Subject =~ /x/\n")
+    settings = RulesSettings(dirs=[str(rules)])
+    store: dict = {}
+    first = cached_engine(settings, store)
+    assert cached_engine(settings, store) is first
+    assert cached_engine(RulesSettings(dirs=[str(rules)], score_set=0), store) is not first
+    (rules / "a.cf").write_text("header A Subject =~ /x/\nheader B Subject =~ /y/\n")
+    _os.utime(rules / "a.cf", ns=(1, 1))
+    assert set(cached_engine(settings, store).rs.rules) == {"A", "B"}
