@@ -119,6 +119,11 @@ class Engine:
                 else:
                     self.scans[rule.kind].append(scan)
         self._compile_metas(metas)
+        # the parse trees served their purpose; hundreds of thousands of small
+        # objects would only slow down every garbage collection from now on
+        for rule in rs.rules.values():
+            if rule.parsed is not None:
+                rule.parsed.tree = None
         # every name a meta may read that is computed eagerly starts at 0, so
         # reading a miss is a plain dict lookup, not a __missing__ call
         lazy = set(self.lazy_metas) | set(self.deferred) | set(self.deferred_headers)
@@ -133,6 +138,8 @@ class Engine:
         if rule.kind in _UNIT_KINDS:
             per_unit = bool(parsed.flags & re.DOTALL) or b"\\A" in parsed.source or b"\\Z" in parsed.source
             extra = re.MULTILINE  # ^ and $ at each paragraph (line, URI) of the joined text
+        if parsed.tree is None:
+            parsed.reparse()
         if rule.needles is None:
             rule.needles = tree_needles(parsed.tree)
         regex, on_lower = optimise_parsed(parsed, top_guard=rule.kind != "header", extra_flags=extra)
@@ -176,20 +183,28 @@ class Engine:
                     expensive[name] = any(costly(d) for d in meta_names(meta_of[name].meta))
             return expensive[name]
 
+        # lazy metas: one function each, called when a rule reads the name;
+        # scored metas: one function for all, in dependency order (no call per rule)
+        lazy = [r for r in order if r.name.startswith("__") or self.scores.get(r.name, 0) == 0]
+        eager = [r for r in order if not (r.name.startswith("__") or self.scores.get(r.name, 0) == 0)]
         lines = []
-        for i, r in enumerate(order):
+        for i, r in enumerate(lazy):
             body = _meta_python(r.meta, costly)
-            lines += [f"def _m{i}(h):", "    try:", f"        return 1 if ({body}) else 0",
-                      "    except ZeroDivisionError:", "        return 0"]
-        namespace: dict = {"_not": lambda x: 0 if x else 1}
-        exec(compile("\n".join(lines) or "pass", "<sa meta rules>", "exec"), namespace)  # from checked tokens
-        functions = {r.name: namespace[f"_m{i}"] for i, r in enumerate(order)}
-        # scored metas are evaluated for every message, in dependency order;
-        # the others only when one of those needs them
-        self.eager_metas = [(r.name, functions[r.name]) for r in order
-                            if not r.name.startswith("__") and self.scores.get(r.name, 0) != 0]
-        self.lazy_metas = {n: f for n, f in functions.items()
-                           if n.startswith("__") or self.scores.get(n, 0) == 0}
+            lines += [f"def _m{i}(h):"] + _guarded_return(body, "/" in r.meta)
+        lines.append("def _eager(h):")
+        for r in eager:
+            body = _meta_python(r.meta, costly)
+            if "/" in r.meta:
+                lines += ["    try:", f"        h[{r.name!r}] = 1 if ({body}) else 0",
+                          "    except ZeroDivisionError:", f"        h[{r.name!r}] = 0"]
+            else:
+                lines.append(f"    h[{r.name!r}] = 1 if ({body}) else 0")
+        lines.append("    return h")
+        namespace: dict = {}
+        exec(compile("\n".join(lines), "<sa meta rules>", "exec"), namespace)  # from checked tokens
+        self.lazy_metas = {r.name: namespace[f"_m{i}"] for i, r in enumerate(lazy)}
+        self.eager_metas = namespace["_eager"]
+        self.eager_meta_names = [r.name for r in eager]
         self.meta_count = len(order)
         return None
 
@@ -232,8 +247,7 @@ class Engine:
                 continue
             if n:
                 hits[rule.name] = int(n)
-        for name, fn in self.eager_metas:
-            hits[name] = fn(hits)
+        self.eager_metas(hits)
         return {k: v for k, v in hits.items() if v}
 
     def _header_deferred(self, scan: _Scan, hits: "_Hits") -> int:
@@ -464,11 +478,11 @@ def _operand_python(toks: list[str]) -> str:
     def operand_done():
         while pending_not and pending_not[-1] == depth:
             pending_not.pop()
-            out.append(")")
+            out.append("))")
 
     for t in toks:
         if t == "!":
-            out.append(" _not(")
+            out.append(" (not (")
             pending_not.append(depth)
         elif t == "(":
             out.append("(")
@@ -485,8 +499,14 @@ def _operand_python(toks: list[str]) -> str:
             operand_done()
         else:
             out.append({"&&": " and ", "||": " or "}.get(t, f" {t} "))
-    out.extend(")" * len(pending_not))
+    out.extend("))" * len(pending_not))
     return "".join(out)
+
+
+def _guarded_return(body: str, divides: bool) -> list[str]:
+    if not divides:
+        return [f"    return 1 if ({body}) else 0"]
+    return ["    try:", f"        return 1 if ({body}) else 0", "    except ZeroDivisionError:", "        return 0"]
 
 
 def hits_report(engine: Engine, hits: dict[str, int]) -> list[Hit]:

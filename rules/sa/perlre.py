@@ -643,7 +643,12 @@ class Parsed:
 
     source: bytes
     flags: int
-    tree: object
+    tree: object  # None once an engine is built (see Parsed.reparse)
+
+    def reparse(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.tree = _sre_parse.parse(self.source, self.flags)
 
 
 def parse_perl(pattern: str, perl_flags: str = "") -> Parsed:
