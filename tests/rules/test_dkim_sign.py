@@ -7,7 +7,7 @@ import pytest
 
 from gateway.config import HostPort
 from gateway.errors import ConfigError
-from gateway.records import Envelope, Failed, Message, Result, Session, Transaction
+from gateway.records import Envelope, Failed, Message, Session, Transaction
 from rules.dkim_sign import (
     DkimKey,
     DkimSign,
