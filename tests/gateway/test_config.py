@@ -107,3 +107,13 @@ def test_find_config_path_order(tmp_path, monkeypatch):
     monkeypatch.setenv("MAILGATE_CONFIG", "/etc/x.toml")
     assert cfg.find_config_path(None) == "/etc/x.toml"
     assert cfg.find_config_path("given.toml") == "given.toml"
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    from gateway.plugins import discover
+
+    example = Path(__file__).resolve().parents[2] / "mailgate.example.toml"
+    c = cfg.load(str(example), discover().sections)
+    assert c.spam.threshold == 5.0 and c.relay.domains == ["example.test"]
