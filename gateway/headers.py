@@ -131,12 +131,16 @@ class Finisher:
         out.append(fold("X-Spam-Status", [head + (tests[0] if tests else "none")] + tests[1:]))
         return out
 
-    def finish(self, raw: bytes, verdict: Verdict, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-        """Our Received stays first; then check headers; then the spam headers."""
+    def finish(self, raw: bytes, verdict: Verdict, extra: Iterable[tuple[str, str]] = (),
+               tag_subject: bool = True) -> bytes:
+        """Our Received stays first; then check headers; then the spam headers.
+
+        ``tag_subject=False`` for outbound mail: rewriting our own users'
+        subjects would break the DKIM signature we just made for them."""
         fields, body = split_message(raw)
         received = fields[:1] if fields and field_name(fields[0]) == b"received" else []
         rest = [f for f in fields[len(received):] if not self._forged(f)]
-        if verdict.is_spam:
+        if verdict.is_spam and tag_subject:
             rest = self.tag_subject(rest)
         added = [f"{n}: {v}\r\n".encode("utf-8", "replace") for n, v in extra]
         return b"".join(received + added + self.spam_headers(verdict) + rest) + body

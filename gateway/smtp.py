@@ -573,7 +573,7 @@ class GatewaySMTP(smtp.ESMTP):
             self._log_message(envelope, verdict, verdict.reply)
             return self._send(verdict.reply)
         extra = [r.header for r in verdict.results if isinstance(r, Result) and r.header]
-        finished = self.runtime.finisher.finish(message.raw, verdict, extra)
+        finished = self.runtime.finisher.finish(message.raw, verdict, extra, tag_subject=not self.session.may_relay)
         entry = QueueEntry(
             queue_id=envelope.queue_id, sender=envelope.sender,
             recipients=[RecipientState(r.address) for r in envelope.recipients],

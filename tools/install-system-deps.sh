@@ -6,12 +6,13 @@
 set -eu
 PKGS="clamav-daemon clamav clamdscan rbldnsd dnsmasq-base nsd swaks
 libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl postfix
-c-icap libc-icap-mod-virus-scan slapd ldap-utils redis-server openssl xxd"
+c-icap libc-icap-mod-virus-scan slapd ldap-utils openssl xxd spamassassin"
 # program -> package: a missing program means its package must be installed
 NEED=""
 for pair in clamd:clamav-daemon clamscan:clamav clamdscan:clamdscan rbldnsd:rbldnsd \
             dnsmasq:dnsmasq-base nsd:nsd swaks:swaks smtp-sink:postfix smtp-source:postfix \
-            c-icap:c-icap slapd:slapd ldapadd:ldap-utils redis-server:redis-server xxd:xxd; do
+            c-icap:c-icap slapd:slapd ldapadd:ldap-utils xxd:xxd \
+            spamassassin:spamassassin; do
   prog=${pair%%:*}
   if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$prog" ]; then NEED="$NEED ${pair#*:}"; fi
 done

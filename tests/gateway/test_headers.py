@@ -62,3 +62,8 @@ def test_received_header_names_queue_id_and_recipient():
 def test_received_header_carries_the_confirmed_reverse_name():
     h = received_header("helo.test", "mail.client.test", "192.0.2.1", "mx.example.test", "Q", "ESMTP", None, now=0)
     assert h.startswith(b"Received: from helo.test (mail.client.test [192.0.2.1])\r\n")
+
+
+def test_outbound_spam_keeps_its_subject_for_its_dkim_signature():
+    out = Finisher("mx.example.test").finish(RAW, verdict(9.0), tag_subject=False)
+    assert b"SPAM***" not in out and b"X-Spam-Flag: YES" in out

@@ -9,7 +9,7 @@ import pytest
 from gateway import config as cfg
 from gateway.plugins import Services
 from gateway.records import Envelope, Message, Recipient, Result, Session, Transaction
-from rules.sa_check import SHIPPED_RULES, RulesSettings, SaRules, default_dirs, load_engine, stock_dirs
+from rules.sa_check import SHIPPED_RULES, RulesSettings, SaRules, default_dirs, load_engine, rule_dirs, stock_dirs
 
 PHISH = (b"From: \"Support support@bank.test\" <x@evil.test>\r\nTo: bob@example.test\r\n"
          b"Subject: Account notice\r\nContent-Type: text/plain\r\n\r\n"
@@ -31,6 +31,7 @@ def _txn(raw: bytes, results=()) -> Transaction:
 def test_shipped_rules_are_found_next_to_the_package():
     assert os.path.isfile(os.path.join(SHIPPED_RULES, "50_mailgate.cf"))
     assert default_dirs()[0] == SHIPPED_RULES
+    assert rule_dirs(RulesSettings()) == [SHIPPED_RULES]  # the stock set is opt-in: ~15 ms a message
     rs = load_engine(RulesSettings(dirs=[SHIPPED_RULES])).rs
     assert not rs.skipped and not rs.problems
     assert len(rs.rules) > 20
@@ -114,7 +115,7 @@ def stock_rules():
 
 
 def test_stock_rules_load_and_most_regex_rules_run(capsys, stock_rules):
-    engine = load_engine(RulesSettings())
+    engine = load_engine(RulesSettings(stock_rules=True))
     rs = engine.rs
     regex_loaded = sum(1 for r in rs.rules.values() if r.parsed is not None)
     regex_skipped = sum(1 for s in rs.skipped.values() if s.regex)
@@ -143,11 +144,12 @@ def test_e2e_shipped_rules_show_in_x_spam_status(mailgate, sink):
     assert b"MG_PHISH_LINK=2.5" in status and b"MG_VERIFY_ACCOUNT=1" in status
 
 
-def test_e2e_stock_rules_by_default_and_gtube_counted_once(mailgate, sink, stock_rules):
+def test_e2e_stock_rules_opt_in_and_gtube_counted_once(mailgate, sink, stock_rules):
     from rules.gtube import GTUBE
     from tests.rules.test_sender_auth import only_checks
 
-    gw = mailgate(extra_toml="[spam]\nreject_threshold = 100000\n" + only_checks("sa_rules", "gtube"))
+    gw = mailgate(extra_toml="[spam]\nreject_threshold = 100000\n[rules]\nstock_rules = true\n"
+                  + only_checks("sa_rules", "gtube"))
     no_to = b"From: x@evil.test\r\nSubject: hello\r\nDate: Sat, 28 Nov 2026 19:00:00 +0000\r\n\r\nhi\r\n"
     gtube = b"From: x@evil.test\r\nTo: bob@example.test\r\nSubject: test\r\n\r\n" + GTUBE + b"\r\n"
     with gw.smtp() as smtp:
