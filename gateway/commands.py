@@ -23,6 +23,15 @@ def cmd_run(args) -> int:
     return run(config, cfg.find_config_path(args.config))
 
 
+def cmd_deliver(args) -> int:
+    """The delivery process `mailgate run` starts; not for people to run."""
+    from gateway import config as cfg
+    from gateway.cli import load_config
+    from gateway.deliverd import run
+
+    return run(load_config(args), cfg.find_config_path(args.config))
+
+
 def cmd_check_config(args) -> int:
     from gateway.cli import load_config
     from gateway.plugins import discover, select
@@ -234,6 +243,8 @@ def cmd_passwd(args) -> int:
 def register_commands(sub, parent) -> None:
     p = sub.add_parser("run", parents=[parent], help="run the gateway in the foreground")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("deliver", parents=[parent], help="(internal) the delivery process of `run`")
+    p.set_defaults(func=cmd_deliver)
     p = sub.add_parser("check-config", parents=[parent], help="validate the config and exit")
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("score", parents=[parent], help="score message files offline")

@@ -228,6 +228,8 @@ class QueueSettings(Section):
     retry_max: Duration = 4000.0
     delivery_concurrency: int = Field(50, gt=0)
     connect_timeout: Duration = 30.0
+    # deliver from a child process (another core); false: in the SMTP process
+    delivery_process: bool = True
 
 
 class AuthSettings(Section):

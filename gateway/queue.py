@@ -24,7 +24,7 @@ log = logging.getLogger("mailgate.queue")
 
 class QueueManager:
     def __init__(self, spool: Spool, deliverer, reactor, run_in_thread: Callable, settings, hostname: str,
-                 bounce_builder=None):
+                 bounce_builder=None, clean_tmp: bool = True):
         self.spool = spool
         self.deliverer = deliverer
         self.reactor = reactor
@@ -41,6 +41,7 @@ class QueueManager:
         self.in_flight: dict[str, defer.Deferred] = {}
         self.fresh: dict[str, bytes] = {}  # bytes of just-queued messages: no re-read
         self.stopping = False
+        self.clean_tmp = clean_tmp  # False when another process writes the spool
 
     # --- entry points --------------------------------------------------------
 
@@ -56,18 +57,12 @@ class QueueManager:
         return d.addCallback(stored)
 
     def quarantine(self, entry: QueueEntry, data: bytes, verdict) -> defer.Deferred:
-        meta = {
-            "queue_id": entry.queue_id, "sender": entry.sender,
-            "recipients": [r.address for r in entry.recipients], "arrival": entry.arrival,
-            "client": entry.client, "helo": entry.helo, "size": len(data),
-            "score": verdict.score, "symbols": verdict.symbols,
-            "reasons": [f"{r.symbol}: {r.detail}" for r in verdict.results if r.refuse],
-        }
-        return self.run_in_thread(self.spool.quarantine_store, entry.queue_id, data, meta)
+        return self.run_in_thread(self.spool.quarantine_store, entry.queue_id, data,
+                                  quarantine_record(entry, verdict, len(data)))
 
     def start(self) -> defer.Deferred:
         """Resume everything in the spool."""
-        d = self.run_in_thread(self.spool.recover)
+        d = self.run_in_thread(self.spool.recover, self.clean_tmp)
 
         def resume(entries):
             now = self.reactor.seconds()
@@ -175,6 +170,17 @@ class QueueManager:
         )
         log.info("queue_id=%s bounce_id=%s to=<%s>", entry.queue_id, bounce.queue_id, entry.sender)
         return self.enqueue(bounce, body)
+
+
+def quarantine_record(entry: QueueEntry, verdict, size: int) -> dict:
+    """What `mailgate quarantine list/show` tells about a quarantined message."""
+    return {
+        "queue_id": entry.queue_id, "sender": entry.sender,
+        "recipients": [r.address for r in entry.recipients], "arrival": entry.arrival,
+        "client": entry.client, "helo": entry.helo, "size": size,
+        "score": verdict.score, "symbols": verdict.symbols,
+        "reasons": [f"{r.symbol}: {r.detail}" for r in verdict.results if r.refuse],
+    }
 
 
 class _Expired:

@@ -74,7 +74,7 @@ class Gateway:
         self.config = config
         self.ports = []
         self.factory = None
-        self.queue = None
+        self.queue = None  # DeliveryAgent (a child process delivers) or QueueManager
         self.stopping = False
 
     def _make_store(self, config):
@@ -91,6 +91,7 @@ class Gateway:
         from twisted.internet import endpoints
 
         from gateway.auth import make_portal
+        from gateway.deliverd import DeliveryAgent
         from gateway.delivery import Deliverer
         from gateway.queue import QueueManager
         from gateway.runtime import build_runtime
@@ -101,13 +102,17 @@ class Gateway:
         runtime = build_runtime(config, self.catalogue, self.services)
         spool = Spool(config.queue.dir)
         self._write_pid(spool.root)
-        deliverer = Deliverer(
-            reactor=self.reactor, resolver=self.resolver, routes=config.routes, hostname=config.server.hostname,
-            connect_timeout=config.queue.connect_timeout, tls_client_context_factory=_client_tls(),
-            run_in_thread=self.run_in_thread,
-        )
-        self.queue = QueueManager(spool, deliverer, self.reactor, self.run_in_thread, config.queue,
-                                  config.server.hostname)
+        spool.clean_tmp()  # before we listen: nothing of ours can be half-written yet
+        if config.queue.delivery_process:
+            self.queue = DeliveryAgent(spool, self.reactor, self.run_in_thread, self.config_path)
+        else:
+            deliverer = Deliverer(
+                reactor=self.reactor, resolver=self.resolver, routes=config.routes,
+                hostname=config.server.hostname, connect_timeout=config.queue.connect_timeout,
+                tls_client_context_factory=client_tls(), run_in_thread=self.run_in_thread,
+            )
+            self.queue = QueueManager(spool, deliverer, self.reactor, self.run_in_thread, config.queue,
+                                      config.server.hostname, clean_tmp=False)
         portal, challengers = make_portal(config.auth.users_file)
         self.factory = GatewayFactory(
             runtime, self.reactor, enqueue=self.queue.enqueue, quarantine=self.queue.quarantine,
@@ -120,11 +125,13 @@ class Gateway:
             ep.listen(self.factory).addCallbacks(self._listening, self._listen_failed, callbackArgs=(hp,),
                                                  errbackArgs=(hp,))
         self.queue.start()
+        # after reactor.run has installed Twisted's own handlers (SIGCHLD
+        # reaps the delivery process), ours replace its SIGTERM/SIGINT
+        self.reactor.callWhenRunning(self._install_signals)
         routes = ", ".join(f"{k} -> {v}" for k, v in config.routes.items())
         log.info("mailgate starting: config=%s hostname=%s domains=%s routes: %s",
                  self.config_path or "(embedded default)", config.server.hostname,
                  ",".join(config.relay.domains) or "-", routes)
-        self._install_signals()
 
     def _listening(self, port, hp):
         self.ports.append(port)
@@ -168,8 +175,11 @@ class Gateway:
         old = self.factory.runtime
         self.factory.runtime = runtime
         self.config = new
-        self.queue.settings = new.queue
-        self.queue.deliverer.routes = new.routes
+        if hasattr(self.queue, "reload"):
+            self.queue.reload()
+        else:
+            self.queue.settings = new.queue
+            self.queue.deliverer.routes = new.routes
         log.info("reloaded config=%s threshold=%s", self.config_path or "(embedded default)", new.spam.threshold)
         # sessions that started before keep the old checks until they end
         self.reactor.callLater(SHUTDOWN_GRACE * 20, old.close)
@@ -247,7 +257,7 @@ def _server_tls(server):
                           f"certificate and key ({e})") from None
 
 
-def _client_tls():
+def client_tls():
     """Opportunistic STARTTLS outbound: encrypt when offered; certificates are
     not verified (there is no trust path for MX hosts without DANE/MTA-STS)."""
     from twisted.internet import ssl
@@ -261,5 +271,5 @@ def run(config, config_path: Optional[str]) -> int:
     gateway = Gateway(config, config_path, reactor)
     gateway.exit_code = 0
     gateway.start()  # raises MailGateError for a config it cannot use
-    reactor.run(installSignalHandlers=False)
+    reactor.run()
     return gateway.exit_code

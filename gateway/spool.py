@@ -157,10 +157,16 @@ class Spool:
             if e is not None:
                 yield e
 
-    def recover(self) -> list[QueueEntry]:
-        """At start-up: drop unfinished writes and stale state; return the queue."""
+    def clean_tmp(self) -> None:
+        """Unfinished writes of a process that died.  Only the process that
+        writes (the SMTP side) may call this, and only before it listens."""
         for name in os.listdir(self.tmp):
             os.unlink(os.path.join(self.tmp, name))
+
+    def recover(self, clean_tmp: bool = True) -> list[QueueEntry]:
+        """At start-up: drop unfinished writes and stale state; return the queue."""
+        if clean_tmp:
+            self.clean_tmp()
         committed = set(os.listdir(self.messages))
         for name in os.listdir(self.envelopes):
             if name not in committed:  # its message was delivered; the unlink of this was lost

@@ -19,27 +19,38 @@ from urllib.parse import unquote
 
 MAX_URIS = 2000
 
+# (cheap substring gates on the lower-cased text, regex, replacement): most
+# mail has none of these tricks, and a substring test is ~100x cheaper than a
+# regex pass over a 5 KB body
 _DEOBFUSCATE = [
-    (re.compile(r"\b(?:h[xX]{2}p|h\*\*p)(s?)(?=://)", re.I), lambda m: "http" + m.group(1)),
-    (re.compile(r"[ \t]?(?:\[\.\]|\(\.\)|\{\.\}|\[dot\]|\(dot\)|\{dot\})[ \t]?", re.I), lambda m: "."),
-    (re.compile(r"(?<=[a-z0-9]) dot (?=[a-z0-9-]+\.?[a-z]{2,}\b)", re.I), lambda m: "."),
-    (re.compile(r"(?<=https:)\\\\|(?<=http:)\\\\", re.I), lambda m: "//"),
+    (("xxp", "**p"), re.compile(r"\b(?:h[xX]{2}p|h\*\*p)(s?)(?=://)", re.I), lambda m: "http" + m.group(1)),
+    (("[.]", "(.)", "{.}", "dot]", "dot)", "dot}"),
+     re.compile(r"[ \t]?(?:\[\.\]|\(\.\)|\{\.\}|\[dot\]|\(dot\)|\{dot\})[ \t]?", re.I), lambda m: "."),
+    ((" dot ",), re.compile(r"(?<=[a-z0-9]) dot (?=[a-z0-9-]+\.?[a-z]{2,}\b)", re.I), lambda m: "."),
+    ((":\\\\",), re.compile(r"(?<=https:)\\\\|(?<=http:)\\\\", re.I), lambda m: "//"),
 ]
 _SCHEME_URI = re.compile(
     r"""(?:https?|ftp)://[^\s<>"'`{}|\\^\[\]]+""", re.I)
 _WWW = re.compile(r"""(?<![\w.@/-])(?:www\d{0,3}|ftp)\.[a-z0-9-]+(?:\.[a-z0-9-]+)+(?:[/?#][^\s<>"'`]*)?""", re.I)
 _MAILTO = re.compile(r"""mailto:[^\s<>"'`]+""", re.I)
 _EMAIL = re.compile(r"""(?<![\w.+=/-])[\w.+=-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+(?![\w-])""", re.I)
+_TLDS = r"(?:com|net|org|info|biz|ru|cn|top|xyz|io|co|us|uk|de|fr|nl|it|es|br|in|jp|pl|su|online|site|club|shop|link|click|ly|me|tk|ml|ga|cf|gq|test)"
 _BARE_DOMAIN = re.compile(
-    r"""(?<![\w.@/-])[a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63})*\.(?:com|net|org|info|biz|ru|cn|top|xyz|io|co|us|uk|de|fr|nl|it|es|br|in|jp|pl|su|online|site|club|shop|link|click|ly|me|tk|ml|ga|cf|gq|test)(?:/[^\s<>"'`]*)?(?![\w-])""",
+    r"""(?<![\w.@/-])[a-z0-9][a-z0-9-]{0,62}(?:\.[a-z0-9-]{1,63})*\.""" + _TLDS +
+    r"""(?:/[^\s<>"'`]*)?(?![\w-])""",
     re.I)
+# the bare-domain scan tries every position of the text; this literal-led
+# pattern finds in one fast pass whether it can match at all
+_HAS_TLD = re.compile(r"\." + _TLDS + r"(?![\w-])", re.I)
 
 
 def deobfuscate(text: str) -> str:
     if "&" in text:
         text = html.unescape(text)
-    for rx, repl in _DEOBFUSCATE:
-        text = rx.sub(repl, text)
+    low = text.lower()
+    for gates, rx, repl in _DEOBFUSCATE:
+        if any(g in low for g in gates):
+            text = rx.sub(repl, text)
     return text
 
 
@@ -62,17 +73,22 @@ def extract(texts: Iterable[str], links: Iterable[str] = ()) -> list[str]:
             add("http://" + link)
     for text in texts:
         text = deobfuscate(text)
-        for m in _SCHEME_URI.finditer(text):
-            add(m.group(0))
-        for m in _MAILTO.finditer(text):
-            add(m.group(0))
+        low = text.lower()
+        if "://" in low:
+            for m in _SCHEME_URI.finditer(text):
+                add(m.group(0))
+        if "mailto:" in low:
+            for m in _MAILTO.finditer(text):
+                add(m.group(0))
         if "@" in text:
             for m in _EMAIL.finditer(text):
                 add("mailto:" + m.group(0))  # SpamAssassin lists bare addresses as mailto: URIs
-        for m in _WWW.finditer(text):
-            add("http://" + m.group(0))
-        for m in _BARE_DOMAIN.finditer(text):
-            add("http://" + m.group(0))
+        if "www" in low or "ftp." in low:
+            for m in _WWW.finditer(text):
+                add("http://" + m.group(0))
+        if _HAS_TLD.search(text):
+            for m in _BARE_DOMAIN.finditer(text):
+                add("http://" + m.group(0))
     return list(seen)
 
 

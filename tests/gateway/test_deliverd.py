@@ -1,0 +1,56 @@
+"""The delivery process: supervised by `mailgate run`, never orphaned."""
+
+import os
+import signal
+import subprocess
+import time
+
+from tests.gateway.test_service import HAM, send, wait_until
+from tests.support.ports import free_port
+from tests.support.sink import Sink
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = open(f"/proc/{pid}/stat").read().split()[2] if os.path.exists(f"/proc/{pid}/stat") else "X"
+    return stat != "Z"
+
+
+def test_a_killed_delivery_process_is_replaced_and_delivers(mailgate):
+    port = free_port()
+    gw = mailgate(downstream_port=port)
+    assert wait_until(lambda: len(children(gw.proc.pid)) == 1)
+    [child] = children(gw.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    assert wait_until(lambda: "delivery process ended" in gw.log())
+    assert wait_until(lambda: children(gw.proc.pid) and children(gw.proc.pid) != [child])
+    with Sink(port=port) as back:
+        assert send(gw) == {}
+        assert back.wait_for(1, timeout=20)
+        assert back.messages[0].data.endswith(HAM.split(b"\r\n\r\n", 1)[1])
+
+
+def test_the_delivery_process_leaves_with_its_parent(mailgate):
+    gw = mailgate()
+    assert wait_until(lambda: len(children(gw.proc.pid)) == 1)
+    [child] = children(gw.proc.pid)
+    gw.kill()  # SIGKILL: no goodbye, only the pipe closing
+    assert wait_until(lambda: not alive(child), timeout=20)
+
+
+def test_sigterm_stops_both_processes(mailgate):
+    gw = mailgate()
+    assert wait_until(lambda: len(children(gw.proc.pid)) == 1)
+    [child] = children(gw.proc.pid)
+    assert gw.stop() == 0
+    assert wait_until(lambda: not alive(child), timeout=10)
+    time.sleep(0.2)
+    assert "delivery process ended" not in gw.log()  # an orderly stop is not a crash
