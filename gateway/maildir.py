@@ -27,6 +27,7 @@ import time
 from typing import Optional
 
 from gateway.errors import MailGateError
+from gateway.spool import fsync_dir as _fsync_dir
 
 _counter = itertools.count(1)
 
@@ -84,13 +85,6 @@ def ensure_maildir(path: str) -> None:
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def deliver(path: str, recipient: str, sender: str, data: bytes, hostname: Optional[str] = None) -> str:

@@ -75,7 +75,8 @@ class QueueEntry:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Makes renames and unlinks in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -114,11 +115,11 @@ class Spool:
     def store(self, entry: QueueEntry, data: bytes) -> None:
         """Commit a new message; returns only once it survives a crash."""
         self._write_durably(os.path.join(self.messages, entry.queue_id), entry.to_json() + b"\n" + data)
-        _fsync_dir(self.messages)
+        fsync_dir(self.messages)
 
     def update(self, entry: QueueEntry) -> None:
         self._write_durably(os.path.join(self.envelopes, entry.queue_id), entry.to_json())
-        _fsync_dir(self.envelopes)
+        fsync_dir(self.envelopes)
 
     def remove(self, queue_id: str) -> None:
         """Message file first: it is the commit record.  No directory fsync:
@@ -178,7 +179,7 @@ class Spool:
     def quarantine_store(self, queue_id: str, data: bytes, meta: dict) -> None:
         self._write_durably(os.path.join(self.quarantine, queue_id), data)
         self._write_durably(os.path.join(self.quarantine, queue_id + ".json"), json.dumps(meta).encode())
-        _fsync_dir(self.quarantine)
+        fsync_dir(self.quarantine)
 
     def quarantine_list(self) -> list[dict]:
         out = []
@@ -208,7 +209,7 @@ class Spool:
                 os.unlink(os.path.join(self.quarantine, name))
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.quarantine)
+        fsync_dir(self.quarantine)
 
 
 def _valid_id(queue_id: str) -> bool:
