@@ -11,9 +11,8 @@ never a bounce of a bounce).
 from __future__ import annotations
 
 import logging
-import time
 from email.utils import formatdate
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from twisted.internet import defer
 

@@ -18,7 +18,7 @@ import base64
 import binascii
 import logging
 import re
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from twisted.cred import error as cred_error
 from twisted.internet import defer, protocol

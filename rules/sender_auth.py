@@ -17,7 +17,6 @@ and the whole check runs in the thread pool (``services.run_in_thread``).
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import threading
 import time

@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass
 
-import pytest
 from twisted.internet import defer, task
 
 from gateway.config import QueueSettings

@@ -268,11 +268,11 @@ def test_pipelined_recipients_are_answered_in_order():
 
 
 def test_connection_limit_per_ip(h):
-    a, b = h.connect(), h.connect()
+    first, _second = h.connect(), h.connect()
     third = h.connect()
     assert third.transport.value().startswith(TOO_MANY_CONN)
     assert third.transport.disconnecting
-    a.proto.connectionLost(None)
+    first.proto.connectionLost(None)
     fourth = h.connect()
     assert fourth.transport.value().startswith(GREETING)
 
