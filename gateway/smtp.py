@@ -49,6 +49,8 @@ NUL_IN_COMMAND = Reject(500, "5.5.2", "Error: NUL character in command")
 TOO_MANY_RECIPIENTS = TempFail(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reject(552, "5.3.4", "Error: message size exceeds fixed limit")
 RELAY_DENIED = Reject(554, "5.7.1", "Relay access denied")
+BAD_SENDER = Reject(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reject(501, "5.1.3", "Bad recipient address syntax")
 TOO_MANY_CONNECTIONS = TempFail(421, "4.7.0", "Error: too many connections, try again later")
 TOO_MANY_ERRORS = TempFail(421, "4.7.0", "Error: too many errors")
 IDLE_TIMEOUT = TempFail(421, "4.4.2", "Error: timeout exceeded")
@@ -399,19 +401,29 @@ class GatewaySMTP(smtp.ESMTP):
         else:
             self._internal_error(failure)
 
+    def _parse_path(self, text: str, keyword: str, bad_address: Reply):
+        """The path of MAIL FROM / RCPT TO, or None once the error is answered."""
+        try:
+            return addr.parse_path(text, keyword, allow_null=keyword == "FROM")
+        except addr.AddressError as e:
+            what = str(e)
+            if what == "syntax":
+                verb = "MAIL" if keyword == "FROM" else "RCPT"
+                self._error(Reject(501, "5.5.4", f"Syntax: {verb} {keyword}:<address>"))
+            elif what.startswith("parameter"):
+                self._send(Reject(555, "5.5.4", f"Unsupported option: {what[10:]}"))
+            else:
+                self._error(bad_address)
+            return None
+
     def smtp_MAIL(self, text):
         if self.session.helo is None:
             return self._send(BAD_SEQUENCE_HELO)
         if self.envelope is not None:
             return self._send(NESTED_MAIL)
-        try:
-            path = addr.parse_path(text, "FROM", allow_null=True)
-        except addr.AddressError as e:
-            if str(e) == "syntax":
-                return self._error(Reject(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
-            if str(e).startswith("parameter"):
-                return self._send(Reject(555, "5.5.4", f"Unsupported option: {str(e)[10:]}"))
-            return self._error(Reject(501, "5.1.7", "Bad sender address syntax"))
+        path = self._parse_path(text, "FROM", BAD_SENDER)
+        if path is None:
+            return
         reply = self._mail_params(path.params)
         if reply is not None:
             return self._send(reply)
@@ -450,14 +462,9 @@ class GatewaySMTP(smtp.ESMTP):
     def smtp_RCPT(self, text):
         if self.envelope is None:
             return self._send(BAD_SEQUENCE_MAIL)
-        try:
-            path = addr.parse_path(text, "TO", allow_null=False)
-        except addr.AddressError as e:
-            if str(e) == "syntax":
-                return self._error(Reject(501, "5.5.4", "Syntax: RCPT TO:<address>"))
-            if str(e).startswith("parameter"):
-                return self._send(Reject(555, "5.5.4", f"Unsupported option: {str(e)[10:]}"))
-            return self._error(Reject(501, "5.1.3", "Bad recipient address syntax"))
+        path = self._parse_path(text, "TO", BAD_RECIPIENT)
+        if path is None:
+            return
         if path.params:
             return self._send(Reject(555, "5.5.4", f"Unsupported option: {next(iter(path.params))}"))
         if len(self.envelope.recipients) >= self.runtime.config.server.max_recipients:

@@ -213,56 +213,55 @@ def access_lists(config, services) -> AccessLists:
     return lists
 
 
-class IpLists(Check):
+class _BlockAllow(Check):
+    """A block list refuses; an allow list adds the (large negative) allow
+    score.  Subclasses name the lists and say what of the transaction to match."""
+
+    priority = 5
+    block: str
+    allow: str
+    prefix: str  # symbol prefix: IP_BLOCKLISTED, SENDER_ALLOWLISTED...
+
+    def __init__(self, lists: AccessLists):
+        self.lists = lists
+
+    @classmethod
+    def from_config(cls, config, services):
+        lists = access_lists(config, services)
+        if not (getattr(lists, cls.block) or getattr(lists, cls.allow)):
+            return None
+        return cls(lists)
+
+    def subject(self, txn):
+        raise NotImplementedError
+
+    def check(self, txn):
+        value = self.subject(txn)
+        hit = getattr(self.lists, self.block).match(value)
+        if hit:
+            return [Result(f"{self.prefix}_BLOCKLISTED", 0.0, hit, refuse="blocklist")]
+        hit = getattr(self.lists, self.allow).match(value)
+        if hit:
+            return [Result(f"{self.prefix}_ALLOWLISTED", self.lists.allow_score, hit)]
+        return []
+
+
+class IpLists(_BlockAllow):
     name = "ip_lists"
     stage = Stage.CONNECT
-    priority = 5
+    block, allow, prefix = "block_ips", "allow_ips", "IP"
 
-    def __init__(self, lists: AccessLists):
-        self.lists = lists
-
-    @classmethod
-    def from_config(cls, config, services):
-        lists = access_lists(config, services)
-        if not (lists.block_ips or lists.allow_ips):
-            return None
-        return cls(lists)
-
-    def check(self, txn):
-        ip = txn.session.ip
-        hit = self.lists.block_ips.match(ip)
-        if hit:
-            return [Result("IP_BLOCKLISTED", 0.0, hit, refuse="blocklist")]
-        hit = self.lists.allow_ips.match(ip)
-        if hit:
-            return [Result("IP_ALLOWLISTED", self.lists.allow_score, hit)]
-        return []
+    def subject(self, txn):
+        return txn.session.ip
 
 
-class SenderLists(Check):
+class SenderLists(_BlockAllow):
     name = "sender_lists"
     stage = Stage.MAIL
-    priority = 5
+    block, allow, prefix = "block_senders", "allow_senders", "SENDER"
 
-    def __init__(self, lists: AccessLists):
-        self.lists = lists
-
-    @classmethod
-    def from_config(cls, config, services):
-        lists = access_lists(config, services)
-        if not (lists.block_senders or lists.allow_senders):
-            return None
-        return cls(lists)
-
-    def check(self, txn):
-        sender = txn.envelope.sender
-        hit = self.lists.block_senders.match(sender)
-        if hit:
-            return [Result("SENDER_BLOCKLISTED", 0.0, hit, refuse="blocklist")]
-        hit = self.lists.allow_senders.match(sender)
-        if hit:
-            return [Result("SENDER_ALLOWLISTED", self.lists.allow_score, hit)]
-        return []
+    def subject(self, txn):
+        return txn.envelope.sender
 
 
 class RecipientAllowList(Check):
