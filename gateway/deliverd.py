@@ -192,6 +192,7 @@ class DeliveryDaemon:
         self.config = new
         self.queue.settings = new.queue
         self.queue.deliverer.routes = new.routes
+        log.info("delivery process reloaded routes: %s", ", ".join(f"{k} -> {v}" for k, v in new.routes.items()))
 
     def parent_gone(self) -> None:
         log.info("delivery process: parent closed the pipe; finishing attempts under way")

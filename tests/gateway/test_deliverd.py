@@ -54,3 +54,16 @@ def test_sigterm_stops_both_processes(mailgate):
     assert wait_until(lambda: not alive(child), timeout=10)
     time.sleep(0.2)
     assert "delivery process ended" not in gw.log()  # an orderly stop is not a crash
+
+
+def test_sighup_reaches_the_delivery_process(mailgate, sink):
+    dead = free_port()
+    gw = mailgate(downstream_port=dead)
+    assert send(gw) == {}
+    assert wait_until(lambda: "deferred=1" in gw.log())
+    # the admin points the route at a server that works, reloads, flushes
+    gw.config_path.write_text(gw.config_path.read_text().replace(f"[127.0.0.1]:{dead}", f"[127.0.0.1]:{sink.port}"))
+    gw.signal(signal.SIGHUP)
+    assert wait_until(lambda: "reloaded config" in gw.log())
+    assert gw.cli("queue", "flush").returncode == 0
+    assert sink.wait_for(1, timeout=20)
