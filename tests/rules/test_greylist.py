@@ -124,3 +124,21 @@ def test_store_down_lets_mail_through(tmp_path):
     store.close()
     [r] = run(g)
     assert isinstance(r, Failed)
+
+
+def test_e2e_greylisted_then_accepted_on_retry(mailgate, sink):
+    import smtplib
+    import time
+
+    import pytest
+
+    gw = mailgate('[greylist]\nenabled = true\ndelay = "1s"\n')
+    message = b"From: alice@sender.test\r\nTo: bob@example.test\r\nSubject: later\r\n\r\nhi\r\n"
+    with gw.smtp() as c, pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        c.sendmail("alice@sender.test", ["bob@example.test"], message)
+    code, text = refused.value.recipients["bob@example.test"]
+    assert code == 451 and text.startswith(b"4.7.1")
+    time.sleep(1.2)
+    with gw.smtp() as c:
+        assert c.sendmail("alice@sender.test", ["bob@example.test"], message) == {}
+    assert sink.wait_for(1)

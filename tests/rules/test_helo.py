@@ -116,3 +116,13 @@ def test_dns_down_no_points_no_refusal(dns_servers):  # noqa: F811
 def test_loopback_clients_only_when_asked(world):
     assert run(build(world), "localhost", ip="127.0.0.1", local_ip="127.0.0.1") == []
     assert outcome(run(build(world, check_loopback=True), "localhost", ip="127.0.0.1")) == [("HELO_NO_FQDN", None)]
+
+
+def test_e2e_helo_claiming_to_be_us_is_refused_at_rcpt(mailgate, sink):
+    gw = mailgate("[helo]\ncheck_loopback = true\n")
+    with gw.smtp() as c:
+        c.ehlo("mx.gateway.test")  # our own hostname, from a client
+        assert c.mail("alice@sender.test")[0] == 250
+        code, text = c.rcpt("bob@example.test")
+    assert code == 554 and text.startswith(b"5.7.1")
+    assert sink.messages == []
