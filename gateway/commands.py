@@ -130,6 +130,11 @@ def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _need_id(args) -> None:
+    if not args.id:
+        raise MailGateError(f"{args.command} {args.action}: needs a queue ID")
+
+
 def _signal_gateway(spool, sig) -> bool:
     try:
         with open(os.path.join(spool.root, "mailgate.pid")) as f:
@@ -161,8 +166,7 @@ def cmd_queue(args) -> int:
         told = _signal_gateway(spool, signal.SIGUSR1)
         print(f"flush: {len(ids)} message(s){'' if told else ' (gateway not running; they go at its next start)'}")
         return 0
-    if not args.id:
-        raise MailGateError(f"queue {action}: needs a queue ID")
+    _need_id(args)
     entry = spool.entry(args.id)
     if entry is None:
         raise MailGateError(f"queue {action}: no message {args.id!r} in the queue")
@@ -201,8 +205,7 @@ def cmd_quarantine(args) -> int:
                   f"to={','.join(m['recipients'])} reasons={'; '.join(m.get('reasons') or []) or '-'}")
         print(f"-- {len(items)} message(s) in quarantine")
         return 0
-    if not args.id:
-        raise MailGateError(f"quarantine {action}: needs a queue ID")
+    _need_id(args)
     meta = spool.quarantine_meta(args.id)
     if meta is None:
         raise MailGateError(f"quarantine {action}: no message {args.id!r} in quarantine")

@@ -77,13 +77,11 @@ class Gateway:
         self.queue = None  # DeliveryAgent (a child process delivers) or QueueManager
         self.stopping = False
 
-    def _make_store(self, config):
-        try:
-            from gateway import store
-        except ImportError:
-            return None
-        make = getattr(store, "from_config", None)
-        return make(config) if make else None
+    @staticmethod
+    def _make_store(config):
+        from gateway.store import from_config
+
+        return from_config(config)
 
     # --- start -----------------------------------------------------------------
 

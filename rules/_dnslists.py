@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway.config import Domain, Section
+from gateway.plugins import Check
 from gateway.records import Failed, Result
 
 ERROR_CODES = ipaddress.ip_network("127.255.255.0/24")
@@ -131,6 +132,15 @@ class Listing:
     zone: Zone
     results: tuple  # Result records
     answers: tuple = ()  # the A records, as text
+
+
+class ZoneCheck(Check):
+    """A check that looks names up in DNS list zones, all bounded by one timeout."""
+
+    def __init__(self, resolver, zones: list[Zone], timeout: float):
+        self.resolver = resolver
+        self.zones = zones
+        self.timeout = timeout
 
 
 def reversed_ip(ip) -> str:

@@ -28,7 +28,7 @@ from pydantic import Field
 from gateway.config import Section
 from gateway.plugins import Check
 from gateway.records import Result, Stage
-from rules._dnslists import Listing, Zone, ZoneSettings, flatten, query_zones, reversed_ip
+from rules._dnslists import Listing, Zone, ZoneCheck, ZoneSettings, flatten, query_zones, reversed_ip
 from rules.lists import access_lists
 
 
@@ -53,15 +53,10 @@ def jobs_for(zones: list[Zone], ip) -> list[tuple[Zone, str]]:
     return [(z, name) for z in zones if ip.version == 4 or z.ipv6]
 
 
-class Dnsbl(Check):
+class Dnsbl(ZoneCheck):
     name = "dnsbl"
     stage = Stage.MAIL
     priority = 20
-
-    def __init__(self, resolver, zones: list[Zone], timeout: float):
-        self.resolver = resolver
-        self.zones = zones
-        self.timeout = timeout
 
     @classmethod
     def from_config(cls, config, services):

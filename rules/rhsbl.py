@@ -14,9 +14,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from gateway.config import Section
-from gateway.plugins import Check
 from gateway.records import Stage
-from rules._dnslists import Zone, ZoneSettings, flatten, query_zones
+from rules._dnslists import Zone, ZoneCheck, ZoneSettings, flatten, query_zones
 
 
 class RhsblSettings(Section):
@@ -24,15 +23,10 @@ class RhsblSettings(Section):
     timeout: float = Field(5.0, gt=0, le=60)
 
 
-class Rhsbl(Check):
+class Rhsbl(ZoneCheck):
     name = "rhsbl"
     stage = Stage.MAIL
     priority = 20
-
-    def __init__(self, resolver, zones: list[Zone], timeout: float):
-        self.resolver = resolver
-        self.zones = zones
-        self.timeout = timeout
 
     @classmethod
     def from_config(cls, config, services):

@@ -110,6 +110,8 @@ def _install_org_domain_cache():
     check (~130 ms of CPU; `authheaders.dmarc_lookup.get_org_domain`).  Build
     it once and answer from a bounded cache: same list, same answers."""
     global _psl_installed
+    if _psl_installed:
+        return
     with _psl_lock:
         if _psl_installed:
             return

@@ -301,7 +301,7 @@ def test_a_check_that_raises_gives_451_and_queues_nothing():
     assert h.queued == []
 
 
-def test_early_talker_is_refused(h):
+def test_early_talker_is_refused():
     h = Harness(greet_pause=2)
     c = h.connect()
     assert c.transport.value() == b""
@@ -328,3 +328,13 @@ def test_rset_clears_the_transaction(c):
 def test_null_sender_is_accepted(h, c):
     assert c.transaction(sender=b"").startswith(QUEUED)
     assert h.queued[0][0].sender == ""
+
+
+def test_a_spool_that_cannot_write_gives_451_not_250(h, c):
+    def disk_full(entry, data, *verdict):
+        return defer.fail(OSError(28, "No space left on device"))
+
+    h.factory.enqueue = disk_full
+    assert c.transaction().startswith(b"451 4.3.0 Error: queue file write error")
+    h.factory.enqueue = h._enqueue
+    assert c.transaction().startswith(QUEUED)  # the session goes on

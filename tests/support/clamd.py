@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ from typing import Callable, Optional
 
 from scanners.base import EICAR
 from tests.support.ports import free_port
+from tests.support.programs import stop_process
 
 # The custom test signature: a string no real mail contains.
 MARKER = b"MAILGATE-TEST-VIRUS-MARKER-7f3a9c"
@@ -131,13 +131,7 @@ class Clamd:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
         if proc.stderr:
             proc.stderr.close()
 

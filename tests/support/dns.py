@@ -89,7 +89,7 @@ import dns.reversename
 import pytest
 
 from tests.support.ports import free_port
-from tests.support.programs import require_program
+from tests.support.programs import require_program, stop_process
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 5.0
@@ -243,17 +243,6 @@ def _tail(path: Path, n: int = 800) -> str:
         return ""
 
 
-def _stop_process(proc: Optional[subprocess.Popen]) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 class _Server:
     host = LOOPBACK
     port: int
@@ -286,7 +275,7 @@ class _Server:
         raise NotImplementedError
 
     def stop(self, final: bool = False) -> None:
-        _stop_process(self._proc)
+        stop_process(self._proc, timeout=5)
         self._proc = None
 
 

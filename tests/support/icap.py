@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tests.support.ports import free_port
+from tests.support.programs import stop_process
 
 
 def find_module_dir() -> Optional[str]:
@@ -45,15 +45,7 @@ class CIcap:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def start_c_icap(base_dir: str, clamd_socket: str, binary: str = "c-icap") -> CIcap:

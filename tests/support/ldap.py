@@ -34,7 +34,7 @@ from typing import Optional
 import pytest
 
 from tests.support.ports import free_port
-from tests.support.programs import require_program
+from tests.support.programs import require_program, stop_process
 
 SCHEMA_DIR = "/etc/ldap/schema"
 MODULE_DIR = "/usr/lib/ldap"
@@ -152,14 +152,7 @@ access to * by dn.exact="{self.bind_dn}" read by * none
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
         try:
             os.unlink(self.dir / "slapd.pid")
         except FileNotFoundError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from typing import Optional
 
 import pytest
 
@@ -20,3 +22,15 @@ def require_program(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} is not installed; `make test` (as root) installs it", pytrace=False)
     pytest.skip(f"{name} not installed (run `make test` as root to install it)")
+
+
+def stop_process(proc: Optional[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM, wait, then SIGKILL: every server a test starts ends this way."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
