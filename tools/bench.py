@@ -182,8 +182,9 @@ def main(argv=None) -> int:
         rows += run_relay(sink_port, dns.nameserver, tmp / "bare", sessions, args.messages, "relay only",
                           extra='[checks]\ndisabled = ["' + '", "'.join(_all_checks()) + '"]\n', repeat=args.repeat)
         # clamd on vs off: our Received header makes every message unique, so
-        # clamd's cache of clean results does not flatter the figure
-        from tools.bench_av import scanner_toml, start_bench_clamd
+        # clamd's cache of clean results does not flatter the figure.  clamd's
+        # TemporaryDirectory is on tmpfs when there is one, as sites run it.
+        from tools.bench_av import clamd_temp_note, scanner_toml, start_bench_clamd
 
         socket_path, stop_clamd = start_bench_clamd(str(tmp))
         try:
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
             on, off = by.get(("default + clamd", s)), by.get(("default checks", s))
             if on and off:
                 print(f"clamd on/off at {s} sessions: {on[4] / off[4]:.2f} of the delivered throughput")
+        print(clamd_temp_note())
     finally:
         dns.stop(final=True)
         sink.terminate()

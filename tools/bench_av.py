@@ -10,7 +10,9 @@ EICAR + one test signature), started in a temp dir and stopped at the end.
 
 For tools/bench.py (throughput with clamd on against off):
 ``start_bench_clamd(tmpdir) -> (socket_path, stop)`` and
-``scanner_toml(socket_path)`` give a clamd and the ``[[scanners]]`` text.
+``scanner_toml(socket_path)`` give a clamd and the ``[[scanners]]`` text;
+``clamd_temp_note()`` says where that clamd writes its temporary files
+(tmpfs when there is one: tests/support/clamd.py ``tmpfs_dir``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ def start_bench_clamd(tmpdir: str) -> tuple[str, Callable[[], None]]:
     from tests.support.clamd import start_bench_clamd as start
 
     return start(tmpdir)
+
+
+def clamd_temp_note() -> str:
+    from tests.support.clamd import tmpfs_dir
+
+    where = tmpfs_dir()
+    if where:
+        return f"clamd: TemporaryDirectory on tmpfs ({where}), as a mail site runs it"
+    return "clamd: no tmpfs found, TemporaryDirectory on disk (clamd costs several times more CPU per message)"
 
 
 def scanner_toml(socket_path: str, timeout: float = 30) -> str:

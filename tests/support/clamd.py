@@ -10,15 +10,18 @@ body) plus one custom test signature; clamd reports custom names with a
 and a free 127.0.0.1 TCP port, no ``User`` line so it stays the invoking
 user), waits for PING, and returns a handle with ``stop()`` / ``start()``
 (tests stop and restart it).  ``start_bench_clamd(tmpdir)`` is the same for
-benchmarks: ``(socket_path, stop)``.
+benchmarks: ``(socket_path, stop)``, with clamd's TemporaryDirectory on a
+tmpfs when there is one, as a mail site runs it (see ``tmpfs_dir``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -66,6 +69,8 @@ class Clamd:
     dir: str
     binary: str
     port: int = 0
+    # where clamd writes each INSTREAM and the parts it extracts; default: under dir
+    temp_dir: str = ""
     proc: Optional[subprocess.Popen] = None
     log_path: str = field(init=False, default="")
 
@@ -82,7 +87,9 @@ class Clamd:
         return os.path.join(self.dir, "db")
 
     def configure(self) -> None:
-        os.makedirs(os.path.join(self.dir, "tmp"), exist_ok=True)
+        if not self.temp_dir:
+            self.temp_dir = os.path.join(self.dir, "tmp")
+        os.makedirs(self.temp_dir, exist_ok=True)
         write_database(self.db_dir)
         if not self.port:
             self.port = free_port()
@@ -95,7 +102,7 @@ class Clamd:
                 f"TCPSocket {self.port}\n"
                 "TCPAddr 127.0.0.1\n"
                 f"DatabaseDirectory {self.db_dir}\n"
-                f"TemporaryDirectory {os.path.join(self.dir, 'tmp')}\n"
+                f"TemporaryDirectory {self.temp_dir}\n"
                 f"LogFile {self.log_path}\n"
                 "LogTime yes\n"
                 "Foreground yes\n"
@@ -140,16 +147,51 @@ class Clamd:
         return self.proc is not None and self.proc.poll() is None
 
 
-def start_clamd(base_dir: str, binary: Optional[str] = None) -> Clamd:
+def start_clamd(base_dir: str, binary: Optional[str] = None, temp_dir: str = "") -> Clamd:
     binary = binary or find_clamd()
     if binary is None:
         raise RuntimeError("clamd is not installed (Debian package clamav-daemon)")
-    c = Clamd(dir=base_dir, binary=binary)
+    c = Clamd(dir=base_dir, binary=binary, temp_dir=temp_dir)
     c.configure()
     return c.start()
 
 
+def tmpfs_dir(candidates: tuple[str, ...] = ("/dev/shm", "/run/shm", "/tmp")) -> Optional[str]:
+    """A writable directory on tmpfs, or None.
+
+    clamd writes every INSTREAM to a file in its TemporaryDirectory and
+    unpacks MIME parts and archives there: a few files and directories
+    created and removed per message.  Mail sites keep that directory on
+    tmpfs (Debian 13 and Fedora mount /tmp there anyway); on a disk file
+    system the churn costs clamd more kernel time than the scan itself
+    (measured here, 5 KB messages from 100 sessions: 1.2-2.3 ms of clamd CPU
+    per message on ext2/3, 0.45 ms on tmpfs)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = {fields[1]: fields[2] for fields in (line.split() for line in f) if len(fields) > 2}
+    except OSError:
+        return None
+    for d in candidates:
+        if mounts.get(d) in ("tmpfs", "ramfs") and os.access(d, os.W_OK | os.X_OK):
+            return d
+    return None
+
+
 def start_bench_clamd(tmpdir: str) -> tuple[str, Callable[[], None]]:
-    """For benchmarks: a clamd with our database -> (unix socket path, stop)."""
-    c = start_clamd(os.path.join(tmpdir, "clamd"))
-    return c.socket_path, c.stop
+    """For benchmarks: a clamd with our database -> (unix socket path, stop).
+    Its TemporaryDirectory is on tmpfs when there is one (``tmpfs_dir``)."""
+    tmpfs = tmpfs_dir()
+    temp_dir = tempfile.mkdtemp(prefix="mailgate-clamd-", dir=tmpfs) if tmpfs else ""
+    try:
+        c = start_clamd(os.path.join(tmpdir, "clamd"), temp_dir=temp_dir)
+    except BaseException:
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+    def stop() -> None:
+        c.stop()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    return c.socket_path, stop
