@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
+import struct
+import threading
 import zipfile
 
 import pytest
@@ -63,6 +66,79 @@ def test_clean_message(clamd_adapter):
     assert clamd_adapter.scan_blocking(b"Subject: hello\r\n\r\nJust a note, nothing attached.\r\n") == Clean()
 
 
+def test_big_message_streams_in_pieces(clamd_adapter):
+    # 2 MB goes out in several writes; the INSTREAM framing must survive them
+    body = b"Subject: big\r\n\r\n" + (b"0123456789abcdef" * 64 + b"\r\n") * 2000 + EICAR + b"\r\n"
+    outcome = clamd_adapter.scan_blocking(body)
+    assert isinstance(outcome, Infected) and "Test.EICAR.NDB.UNOFFICIAL" in outcome.names
+
+
+class RecordingClamd:
+    """A clamd stand-in on a unix socket: reads one INSTREAM per connection,
+    undoes its framing and answers ``reply``."""
+
+    def __init__(self, path: str, reply: bytes = b"stream: OK\n"):
+        self.reply = reply
+        self.streams: list[tuple[bytes, bytes]] = []  # (command, payload)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as reader:
+                command = reader.readline()
+                if not command:  # pyclamd's client connects once when it is made
+                    continue
+                payload = []
+                while True:
+                    size = struct.unpack("!L", reader.read(4))[0]
+                    if not size:
+                        break
+                    payload.append(reader.read(size))
+                self.streams.append((command, b"".join(payload)))
+                conn.sendall(self.reply)
+                # end of reply; read what is left so closing does not reset it
+                conn.shutdown(socket.SHUT_WR)
+                while reader.read(65536):
+                    pass
+
+    def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        self.server.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def recording_clamd(tmp_path):
+    server = RecordingClamd(str(tmp_path / "clamd.sock"))
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("size", [0, 10, 64 * 1024, 3 * 1024 * 1024 + 7])
+def test_instream_framing(recording_clamd, tmp_path, size):
+    message = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    outcome = ClamdScanner(socket_path=str(tmp_path / "clamd.sock"), timeout=10).scan_blocking(message)
+    assert outcome == Clean()
+    assert recording_clamd.streams == [(b"nINSTREAM\n", message)]
+
+
+def test_virus_reply_from_a_stand_in(tmp_path):
+    server = RecordingClamd(str(tmp_path / "clamd.sock"), reply=b"stream: Some.Virus FOUND\n")
+    try:
+        outcome = ClamdScanner(socket_path=str(tmp_path / "clamd.sock"), timeout=10).scan_blocking(b"data")
+    finally:
+        server.close()
+    assert outcome == Infected(["Some.Virus"])
+
+
 def test_no_clamd_is_a_retryable_failure(tmp_path):
     outcome = ClamdScanner(socket_path=str(tmp_path / "none.sock"), timeout=2).scan_blocking(b"x")
     assert isinstance(outcome, ScanFailed) and outcome.retry and "could not reach clamd" in outcome.reason
@@ -70,7 +146,7 @@ def test_no_clamd_is_a_retryable_failure(tmp_path):
 
 def test_silent_clamd_times_out(silent_unix):
     outcome = ClamdScanner(socket_path=silent_unix, timeout=0.5).scan_blocking(b"Subject: x\r\n\r\nhi\r\n")
-    assert isinstance(outcome, ScanFailed) and not outcome.retry
+    assert isinstance(outcome, ScanFailed) and not outcome.retry and "in time" in outcome.reason
 
 
 def test_ping(clamd_server, tmp_path):
