@@ -81,6 +81,9 @@ class RulesSettings(Section):
     # DNSBL rules (check_rbl) feed meta rules; scoring them too would count
     # the listing twice beside the gateway's own DNSBL check
     score_dnsbl_rules: bool = False
+    # compiled Hyperscan databases of the rules' prefilter, reused across
+    # starts and reloads ("" = compile every time)
+    cache_dir: str = "var/cache/rules"
 
     @field_validator("welcomelist_from", "blocklist_from")
     @classmethod
@@ -98,7 +101,7 @@ def load_engine(settings: RulesSettings) -> Engine:
     if not settings.score_dnsbl_rules:
         owned |= {n for n, r in rs.rules.items()
                   if r.eval is not None and r.eval[0].startswith("check_rbl")}
-    return Engine(rs, settings.score_set, owned_elsewhere=owned)
+    return Engine(rs, settings.score_set, owned_elsewhere=owned, cache_dir=settings.cache_dir or None)
 
 
 _OUR_RECEIVED = re.compile(

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from rules.sa import evals
+from rules.sa import evals, prefilter
 from rules.sa.perlre import optimise_parsed, tree_needles
 from rules.sa.ruleset import Rule, RuleSet, Skipped, meta_names
 
@@ -50,12 +50,16 @@ class _Scan:
     maxhits: int
     per_unit: bool  # anchors/flags that only make sense on one unit at a time
     on_lower: bool = False  # a /i regex rewritten to run case-sensitively on lower-cased text
+    prefiltered: bool = False  # runs only when the kind's Hyperscan pass names it
 
 
 class Engine:
     def __init__(self, rs: RuleSet, score_set: int = DEFAULT_SCORE_SET,
-                 owned_elsewhere: Iterable[str] = (), report_evals_of: Iterable[str] = ()):
+                 owned_elsewhere: Iterable[str] = (), report_evals_of: Iterable[str] = (),
+                 use_prefilter: bool = True, cache_dir: Optional[str] = None):
         self.rs = rs
+        self.use_prefilter = use_prefilter
+        self.cache_dir = cache_dir
         self.score_set = score_set
         self.scores = {n: rs.score_of(n, score_set) for n in rs.rules}
         self.owned_elsewhere = set(owned_elsewhere)
@@ -119,6 +123,9 @@ class Engine:
                 else:
                     self.scans[rule.kind].append(scan)
         self._compile_metas(metas)
+        self.prefilters: dict[str, prefilter.Prefilter] = {}
+        if self.use_prefilter:
+            self._build_prefilters()
         # the parse trees served their purpose; hundreds of thousands of small
         # objects would only slow down every garbage collection from now on
         for rule in rs.rules.values():
@@ -145,6 +152,29 @@ class Engine:
         regex, on_lower = optimise_parsed(parsed, top_guard=rule.kind != "header", extra_flags=extra)
         return _Scan(rule, regex, rule.needles, "multiple" in flags,
                      self.rs.maxhits.get(rule.name, 0), per_unit, on_lower=on_lower)
+
+    def _build_prefilters(self) -> None:
+        """One Hyperscan pass per kind of text instead of a regex scan per rule.
+
+        Scans that see one unit at a time (``\\A``, ``/s``) are left out: on
+        the joined text their prefilter answer could be a miss.
+        """
+        by_kind: dict[str, list[_Scan]] = {k: list(v) for k, v in self.scans.items()}
+        for kind, scan in self.deferred.values():
+            by_kind[kind].append(scan)
+        for kind, scans in by_kind.items():
+            eligible = [s for s in scans if kind == "full" or not s.per_unit]
+            if not eligible:
+                continue
+            extra = re.MULTILINE if kind in _UNIT_KINDS else 0
+            pf = prefilter.build((prefilter.Pattern(s.rule.name, s.rule.parsed.source, s.rule.parsed.flags | extra)
+                                  for s in eligible), self.cache_dir)
+            if pf is None:
+                log.info("rules prefilter off: the hyperscan module is not available")
+                return
+            for s in eligible:
+                s.prefiltered = s.rule.name in pf.covered
+            self.prefilters[kind] = pf
 
     def _compile_metas(self, metas: list[Rule]):
         by_name = {r.name: r for r in metas}
@@ -261,6 +291,8 @@ class Engine:
         text = hits.text_of(kind)
         if not text:
             return 0
+        if scan.prefiltered and scan.rule.name not in hits.candidates_of(kind):
+            return 0
         if scan.needles is not None:
             low = hits.low_of(kind)
             if not any(map(low.__contains__, scan.needles)):
@@ -296,6 +328,7 @@ class Engine:
     def _run_kind(kind: str, scans: list[_Scan], text: bytes, units, hits) -> None:
         if not text:
             return
+        candidates = hits.candidates_of(kind)
         low = text.lower()
         unit_lists: dict[bool, list] = {}
 
@@ -305,6 +338,8 @@ class Engine:
             return unit_lists[lower]
 
         for scan in scans:
+            if scan.prefiltered and scan.rule.name not in candidates:
+                continue
             needles = scan.needles
             if needles is not None:
                 if len(needles) == 1:
@@ -344,6 +379,15 @@ class _Hits(dict):
         key = ("text", kind)
         if key not in self._cache:
             self._cache[key] = self.texts[kind]()
+        return self._cache[key]
+
+    def candidates_of(self, kind: str) -> set:
+        """Rules of ``kind`` the prefilter says may match (empty without one)."""
+        key = ("candidates", kind)
+        if key not in self._cache:
+            pf = self.engine.prefilters.get(kind)
+            text = self.text_of(kind)
+            self._cache[key] = pf.candidates(text) if pf is not None and text else set()
         return self._cache[key]
 
     def low_of(self, kind: str) -> bytes:

@@ -214,3 +214,35 @@ def test_engine_is_reused_across_reloads_until_a_rule_file_changes(tmp_path):
     (rules / "a.cf").write_text("header A Subject =~ /x/\nheader B Subject =~ /y/\n")
     _os.utime(rules / "a.cf", ns=(1, 1))
     assert set(cached_engine(settings, store).rs.rules) == {"A", "B"}
+
+
+def test_stock_rules_hit_the_same_with_and_without_the_prefilter(stock_rules, tmp_path):
+    from rules.sa.engine import Engine
+    from rules.sa.message import MessageView
+    from rules.sa.ruleset import load
+    from tests.rules.test_sa_engine import HTML, PLAIN, SPAMMY, msg
+
+    spam = [
+        msg("From: Pharmacy <rx@evil.test>\nTo: you@example.test\nSubject: V-i-a-g-r-a 80% off",
+            "Cheap V 1 A G R A, C-i-a-l-i-s and x a n a x, no prescription!\n\n"
+            "Order now at http://pills.evil.test/buy and save.\n"),
+        msg("From: Barrister James <claims@evil.test>\nTo: you@example.test\nSubject: URGENT REPLY",
+            "I am Barrister James. You have won the sum of US$ 5,500,000.00 (FIVE MILLION FIVE HUNDRED "
+            "THOUSAND DOLLARS) in our lottery.\n\nTo claim, send:\n1. Your full name:\n2. Your address:\n"
+            "3. Your phone number:\n4. Your date of birth:\n5. Your occupation:\n6. Your bank account:\n"),
+        msg("From: Security <it@evil.test>\nTo: you@example.test\nSubject: Your mailbox will be deactivated",
+            "Your email account will be deactivated today. Verify your password here to avoid losing "
+            "important messages: <a href=\"http://login.evil.test/\">http://example.test/</a>\n",
+            ctype="text/html"),
+    ]
+    dirs = [SHIPPED_RULES] + stock_rules
+    fast = Engine(load(dirs), cache_dir=str(tmp_path))
+    slow = Engine(load(dirs), use_prefilter=False)
+    covered = set().union(*(p.covered for p in fast.prefilters.values()))
+    assert len(covered) > 500
+    hit_behind_prefilter = set()
+    for raw in [PLAIN, SPAMMY, HTML] + spam:
+        hits = fast.run(MessageView(raw))
+        assert hits == slow.run(MessageView(raw))
+        hit_behind_prefilter |= set(hits) & covered
+    assert len(hit_behind_prefilter) >= 5, hit_behind_prefilter  # the comparison saw real hits

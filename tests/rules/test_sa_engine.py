@@ -95,11 +95,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("use_prefilter", [True, False], ids=["hyperscan", "python-only"])
 @pytest.mark.parametrize("rules,raw,expected", CASES, ids=[c[0].splitlines()[-1][:60] for c in CASES])
-def test_rule_table(rules, raw, expected):
+def test_rule_table(rules, raw, expected, use_prefilter):
     rs = load_text(rules)
     assert set(rs.skipped) <= {"__K"}, rs.skipped
-    engine = Engine(rs)
+    engine = Engine(rs, use_prefilter=use_prefilter)
     hits = engine.run(MessageView(raw))
     assert {h for h in hits if not h.startswith("__")} == expected
 
@@ -258,3 +259,13 @@ def test_more_native_evals(rule, raw, hit):
     rs = load_text(rule)
     assert not rs.skipped, rs.skipped
     assert ("R" in Engine(rs).run(MessageView(raw))) is hit
+
+
+def test_prefilter_covers_the_joined_text_kinds_but_not_per_unit_rules():
+    rs = load_text("body B1 /locked/\nrawbody R1 /<b>/\nuri U1 /bit\\.ly/\nfull F1 /BulkBlaster/\n"
+                   "body S1 /^Your.*LOCKED/s\nheader H1 Subject =~ /locked/i\n")
+    engine = Engine(rs)
+    assert set(engine.prefilters) == {"body", "rawbody", "uri", "full"}
+    assert engine.prefilters["body"].covered == {"B1"}  # /s sees one paragraph at a time: Python only
+    view = MessageView(SPAMMY)
+    assert set(engine.run(view)) == {"B1", "U1", "F1", "S1", "H1"}
