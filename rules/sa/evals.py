@@ -546,6 +546,372 @@ def _no_rdns_dotcom_helo(ctx, args):
     return 1 if _DOTCOM_HELO.search(relay.get("helo", "")) else 0
 
 
+
+# --- HeaderEval: more header tests ------------------------------------------------
+# ``_get`` is SpamAssassin's scalar ``$pms->get``: the values (decoded, one
+# per line) joined, '' when absent; ``_get_addr`` is ``get('Name:addr')``,
+# the first address.  Both work on bytes, as SpamAssassin's Perl regexes do.
+
+_IPV4 = rb"(?:1\d\d|2[0-4]\d|25[0-5]|[1-9]\d|\d)"
+# SpamAssassin's IP_ADDRESS: an IPv4 address or an IPv6 one (this IPv6 part is
+# looser than SA's, which spells out every compressed form)
+IP_ADDRESS = (rb"(?i:\b(?<!:)" + _IPV4 + rb"\." + _IPV4 + rb"\." + _IPV4 + rb"\." + _IPV4 + rb"\b"
+              rb"|(?:IPv6:|(?<![a-f0-9:]))(?:[a-f0-9]{0,4}:){2,7}[a-f0-9]{0,4}(?![a-f0-9:]))")
+_IP_RE = re.compile(IP_ADDRESS)
+
+
+def _get(ctx, name: str) -> bytes:
+    key = ("get", name)
+    value = ctx.cache.get(key)
+    if value is None:
+        value = ctx.cache[key] = ctx.view.header(name) or b""
+    return value
+
+
+def _get_addr(ctx, name: str) -> bytes:
+    key = ("get:addr", name)
+    value = ctx.cache.get(key)
+    if value is None:
+        value = ctx.cache[key] = (ctx.view.header(name, "addr") or b"").split(b"\n", 1)[0]
+    return value
+
+
+def _received_spaced(ctx) -> bytes:
+    """All Received headers with whitespace runs as one space (``s/\\s+/ /gs``)."""
+    value = ctx.cache.get("rcvd_spaced")
+    if value is None:
+        value = ctx.cache["rcvd_spaced"] = re.sub(rb"\s+", b" ", _get(ctx, "Received"))
+    return value
+
+
+def _gated_through_received_hdr_remover(ctx, args):
+    # HeaderEval::gated_through_received_hdr_remover
+    txt = _get(ctx, "Mailing-List")
+    if re.search(rb"^contact \S+\@\S+\; run by ezmlm$", txt, re.M):
+        if (re.search(rb"^mailing list \S+\@\S+", _get(ctx, "Delivered-To"), re.M)
+                and re.search(rb"qmail \d+ invoked (?:from network|by .{3,20})\); \d+ ... \d+",
+                              _get(ctx, "Received"))):
+            return 1
+    rcvd = _get(ctx, "Received")
+    if not rcvd:
+        return 1  # no Received headers: the forgery tests cannot run
+    return 1 if re.search(rb"from groups\.msn\.com \(\S+\.msn\.com ", rcvd) else 0
+
+
+def _fake_aol_relay(ctx, args):
+    # HeaderEval::check_for_fake_aol_relay_in_rcvd
+    rcvd = _received_spaced(ctx)
+    if re.search(rb" rly-[a-z][a-z]\d\d\.", rcvd, re.I):
+        if re.search(rb"/AOL-\d+\.\d+\.\d+\)", rcvd) or re.search(rb"ESMTP id (?:RELAY|MAILRELAY|MAILIN)", rcvd):
+            return 0
+        return 1
+    return 0
+
+
+def _msn_groups_headers(ctx) -> bool:
+    # HeaderEval::check_for_msn_groups_headers
+    m = re.search(rb"<(\S+)\@groups\.msn\.com>", _get(ctx, "To"), re.I)
+    if not m:
+        return False
+    listname = m.group(1)
+    m2 = re.search(rb"from mail pickup service by ((?:p\d\d\.)groups\.msn\.com)\b", _get(ctx, "Received"))
+    if not m2:
+        return False
+    msgid = _get(ctx, "Message-Id")
+    if re.fullmatch(rb"notifications", listname):
+        return bool(re.match(rb"<\S+\@" + re.escape(m2.group(1)) + rb">", msgid))
+    if not re.match(rb"<" + re.escape(listname) + rb"-\S+\@groups\.msn\.com>", msgid):
+        return False
+    return bool(re.search(re.escape(listname) + rb"-bounce\@groups\.msn\.com", _get_addr(ctx, "EnvelopeFrom")))
+
+
+def _hotmail_state(ctx) -> tuple[int, int]:
+    """(forged hotmail Received, hotmail From without hotmail Received)."""
+    # HeaderEval::_check_for_forged_hotmail_received_headers
+    state = ctx.cache.get("hotmail")
+    if state is not None:
+        return state
+    state = (0, 0)
+    rcvd = _received_spaced(ctx)
+    ip_ok = bool(_IP_RE.search(_get(ctx, "X-Originating-Ip")))
+    orig_ok = bool(re.search(rb"hotmail\.com|msonline\-outlook", _get(ctx, "X-OriginatorOrg")))
+    legit = (
+        re.search(rb"from mail pickup service by hotmail\.com with Microsoft SMTPSVC;", rcvd)
+        or _msn_groups_headers(ctx)
+        or _gated_through_received_hdr_remover(ctx, ())
+        or (ip_ok and re.search(rb"from (?:\S*\.)?hotmail.com \(\S+\.hotmail(?:\.msn)?\.com[ \)]", rcvd))
+        or (orig_ok and re.search(rb"from \S*\.outbound\.protection\.outlook\.com "
+                                  rb"\(\S+\.outbound\.protection\.outlook\.com[ \)]", rcvd))
+        or (orig_ok and re.search(rb"from \S*\.(?:eur|nam)prd\d+\.prod\.outlook\.com \(" + IP_ADDRESS + rb"\)",
+                                  rcvd, re.I))
+        or (ip_ok and re.search(rb"from \S*\.hotmail.com \(\[" + IP_ADDRESS + rb"\][ \):]", rcvd))
+        or (ip_ok and re.search(rb"from \S+ by \S+\.hotmail(?:\.msn)?\.com with HTTP\;", rcvd))
+        or (ip_ok and re.search(rb"from \[66\.218.\S+\] by \S+\.yahoo\.com", rcvd))
+    )
+    if not legit:
+        if re.search(rb"(?:from |HELO |helo=)\S*hotmail\.com\b", rcvd):
+            state = (1, 0)
+        elif re.search(rb"\bhotmail\.com$", _get_addr(ctx, "From"), re.I):
+            state = (0, 1)
+    ctx.cache["hotmail"] = state
+    return state
+
+
+def _forged_hotmail(ctx, args):
+    # HeaderEval::check_for_forged_hotmail_received_headers
+    return _hotmail_state(ctx)[0]
+
+
+def _no_hotmail_received(ctx, args):
+    # HeaderEval::check_for_no_hotmail_received_headers
+    return _hotmail_state(ctx)[1]
+
+
+def _forged_eudoramail(ctx, args):
+    # HeaderEval::check_for_forged_eudoramail_received_headers
+    if not re.search(rb"\beudoramail\.com$", _get_addr(ctx, "From"), re.I):
+        return 0
+    if _gated_through_received_hdr_remover(ctx, ()):
+        return 0
+    ip_ok = _IP_RE.search(_get(ctx, "X-Sender-Ip"))
+    return 0 if ip_ok and re.search(rb"by \S*whowhere.com\;", _received_spaced(ctx)) else 1
+
+
+def _forged_yahoo(ctx, args):
+    # HeaderEval::check_for_forged_yahoo_received_headers
+    sender = _get_addr(ctx, "From")
+    if not re.search(rb"\byahoo\.com$", sender, re.I):
+        return 0
+    rcvd = _get(ctx, "Received")
+    if _get(ctx, "Resent-From") and _get(ctx, "Resent-To") and _get(ctx, "X-Received"):
+        rcvd = _get(ctx, "X-Received")
+    rcvd = re.sub(rb"\s+", b" ", rcvd)
+    if _gated_through_received_hdr_remover(ctx, ()):
+        return 0
+    trusted = ctx.view.relays.get("x-spam-relays-trusted") or b""
+    untrusted = ctx.view.relays.get("x-spam-relays-untrusted") or b""
+    if re.search(rb" rdns=\S+\.yahoo\.com ", trusted) or re.search(rb"^[^\]]+ rdns=\S+\.yahoo\.com ", untrusted):
+        return 0
+    for legit in (rb"by web\S+\.mail\S*\.yahoo\.com via HTTP", rb"by sonic\S+\.consmr\.mail\S*\.yahoo\.com with HTTP",
+                  rb"by smtp\S+\.yahoo\.com with SMTP",
+                  rb"from \[" + IP_ADDRESS + rb"\] by \S+\.(?:groups|scd|dcn)\.yahoo\.com with NNFMP",
+                  rb"by \w+\.\w+\.yahoo\.com \(\d+\.\d+\.\d+/\d+\.\d+\.\d+\)(?: with ESMTP)? id \w+"):
+        if re.search(legit, rcvd):
+            return 0
+    if re.search(rb"\bmailer\d+\.bulk\.scd\.yahoo\.com\b", rcvd) and re.search(rb"\@reply\.yahoo\.com$", sender, re.I):
+        return 0
+    return 1
+
+
+def _forged_juno(ctx, args):
+    # HeaderEval::check_for_forged_juno_received_headers
+    if not re.search(rb"\bjuno\.com$", _get_addr(ctx, "From"), re.I):
+        return 0
+    if _gated_through_received_hdr_remover(ctx, ()):
+        return 0
+    xorig, xmailer, rcvd = _get(ctx, "X-Originating-IP"), _get(ctx, "X-Mailer"), _get(ctx, "Received")
+    if xorig:
+        if (not re.search(rb"from.*\b(?:juno|untd)\.com.*[\[\(]" + IP_ADDRESS + rb"[\]\)].*by", rcvd)
+                and not re.search(rb" cookie\.(?:juno|untd)\.com ", rcvd)):
+            return 1
+        return 1 if b"Juno " not in xmailer else 0
+    if re.search(rb"from.*\bmail\.com.*\[" + IP_ADDRESS + rb"\].*by", rcvd):
+        if not re.search(rb"\bmail\.com", xmailer):
+            return 1
+    elif re.search(rb"from (webmail\S+\.untd\.com) \(\1 \[" + IP_ADDRESS + rb"\]\) by", rcvd):
+        if not re.search(rb"^Webmail Version \d", xmailer):
+            return 1
+    else:
+        return 1
+    return 0 if _IP_RE.search(xorig) else 1
+
+
+def _forged_gmail(ctx, args):
+    # HeaderEval::check_for_forged_gmail_received_headers
+    if not re.search(rb"\bgmail\.com$", _get_addr(ctx, "From"), re.I):
+        return 0
+    xreceived = _get(ctx, "X-Received")
+    if re.search(rb"by 10\.\S+ with SMTP id \S+", xreceived) or re.search(rb"by 2002\:a\d\d\:\w+\:\S+ with SMTP id \S+",
+                                                                      xreceived):
+        return 0
+    if re.search(rb"by smtp\.googlemail\.com with ESMTPSA id \S+", _get(ctx, "Received")):
+        return 0
+    # GOOGLE_MESSAGE_STATE_LENGTH_MIN, GOOGLE_SMTP_SOURCE_LENGTH_MIN (the joined values, newline included)
+    if len(_get(ctx, "X-Gm-Message-State")) >= 60 and len(_get(ctx, "X-Google-Smtp-Source")) >= 60:
+        return 0
+    return 1
+
+
+def _env_and_hdr_from_match(ctx, args):
+    # HeaderEval::check_for_matching_env_and_hdr_from
+    return 1 if _get_addr(ctx, "EnvelopeFrom").lower() == _get_addr(ctx, "From").lower() else 0
+
+
+def _recipients_state(ctx) -> tuple[bool, float]:
+    # HeaderEval::_check_recipients (TOCC_SORTED_COUNT 7, TOCC_SIMILAR_COUNT 5, TOCC_SIMILAR_LENGTH 2)
+    state = ctx.cache.get("tocc")
+    if state is not None:
+        return state
+    inputs: list[bytes] = []
+    for name in ("ToCc", "Bcc"):
+        inputs += [a for a in ctx.view.header_addresses(name) if a]
+        if len(inputs) >= 5:
+            break
+    address: list[bytes] = []
+    previous = b""
+    for current in inputs:
+        if current.lower() != previous.lower():
+            address.append(current)
+            previous = current
+        if len(address) == 256:
+            break
+    is_sorted = len(address) >= 7 and address == sorted(address)
+    similar = 0.0
+    if len(address) >= 5:
+        user = [a[:2] for a in address]
+        fqhn = [a.split(b"@", 1)[1] if b"@" in a else None for a in address]
+        host = [f[:2] if f is not None else None for f in fqhn]
+        hits = combinations = 0
+        for i in range(len(address)):
+            for j in range(i + 1, len(address)):
+                hits += user[i] == user[j]
+                hits += host[i] == host[j] and fqhn[i] != fqhn[j]
+                combinations += 1
+        similar = hits / combinations
+    state = ctx.cache["tocc"] = (is_sorted, similar)
+    return state
+
+
+def _sorted_recipients(ctx, args):
+    # HeaderEval::sorted_recipients
+    return 1 if _recipients_state(ctx)[0] else 0
+
+
+def _similar_recipients(ctx, args):
+    # HeaderEval::similar_recipients
+    value = _recipients_state(ctx)[1]
+    lo, hi = args
+    return 1 if (lo == "undef" or value >= float(lo)) and (hi == "undef" or value < float(hi)) else 0
+
+
+def _undef_range_check(args):
+    if len(args) != 2:
+        return "needs a minimum and a maximum ('undef' for none)"
+    for a in args:
+        if a != "undef":
+            float(a)
+    return None
+
+
+def _to_in_subject(ctx, args):
+    # HeaderEval::check_for_to_in_subject
+    full_to = _get_addr(ctx, "To")
+    if not full_to:
+        return 0
+    subject = _get(ctx, "Subject")
+    if args[0] == "address":
+        return 1 if re.search(rb"\b" + re.escape(full_to) + rb"\b", subject, re.I) else 0
+    if args[0] == "user":
+        to = re.escape(full_to.split(b"@", 1)[0])
+        rx = (rb"^(?:(?:re|fw):\s*(?:\w+\s+)?" + to + rb"$|(?-i:" + to + rb")\s*[,:;!?-](?:$|\s)|" + to
+              + rb"$|,\s*" + to + rb"[,:;!?-]$)")
+        return 1 if re.search(rx, subject, re.I) else 0
+    return 0
+
+
+def _parse_rfc822_date(text: bytes) -> float:
+    """Seconds since the epoch, 0 when unreadable (Util::parse_rfc822_date)."""
+    import email.utils
+
+    try:
+        parsed = email.utils.parsedate_tz(text.decode("latin-1").strip())
+        return float(email.utils.mktime_tz(parsed)) if parsed else 0.0
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return 0.0
+
+
+def _sa_message_id(ctx) -> bytes:
+    """SpamAssassin's MESSAGEID pseudo-header, in its order."""
+    v = ctx.view
+    return b"".join(v.header(n) or b"" for n in ("X-Message-Id", "Resent-Message-Id", "X-Original-Message-ID",
+                                                 "Message-Id"))
+
+
+def _outlook_message_id(ctx, args):
+    # HeaderEval::check_outlook_message_id
+    m = re.match(rb"<[0-9a-f]{4}([0-9a-f]{8})\$[0-9a-f]{8}\$[0-9a-f]{8}\@", _sa_message_id(ctx))
+    if not m:
+        return 0
+    timetoken = int(m.group(1), 16)
+    x, y, fudge = 0.0023283064365387, 27111902.8329849, 250
+    expected = int(_parse_rfc822_date(_get(ctx, "Date")) * x + y)
+    if abs(timetoken - expected) < fudge:
+        return 0
+    m = re.search(rb"(\s.?\d+ \S\S\S \d+ \d+:\d+:\d+ \S+).*?$", _get(ctx, "Received"))
+    expected = int((_parse_rfc822_date(m.group(1)) if m else 0) * x + y)
+    return 1 if abs(timetoken - expected) >= fudge else 0
+
+
+_TEMPLATE_OK = re.compile(rb"^(?:X-VMS-To|X-UIDL|X-Face|To|Cc|From|Subject|References|In-Reply-To|"
+                          rb"(?:X-|Resent-|X-Original-)?Message-Id):", re.I)
+
+
+def _unresolved_template(ctx, args):
+    # HeaderEval::check_unresolved_template
+    for line in _get(ctx, "ALL").split(b"\n"):
+        if re.search(rb"%[A-Z][A-Z_-]", line) and not _TEMPLATE_OK.match(line):
+            return 1
+    return 0
+
+
+def _ratware_name_id(ctx, args):
+    # HeaderEval::check_ratware_name_id
+    m = re.search(rb"<[A-Z]{28}\.([^>]+?)>", _sa_message_id(ctx))
+    if m and re.search(rb"\"[^\"]+\"\s*<" + re.escape(m.group(1)) + rb">", _get(ctx, "From")):
+        return 1
+    return 0
+
+
+def _valid_registered_domain(host: str) -> Optional[str]:
+    """RegistryBoundaries trim_domain + is_domain_valid: the registered domain, None if its TLD is unknown."""
+    from rules.sa import uris as uri_mod
+
+    host = host.lower().strip(".")
+    if uri_mod.ip_of(host):
+        return host
+    return uri_mod._suffix_list().get_sld(host, strict=True) or None
+
+
+def _ratware_envelope_from(ctx, args):
+    # HeaderEval::check_ratware_envelope_from
+    to, sender = _get_addr(ctx, "To"), _get_addr(ctx, "EnvelopeFrom")
+    if not sender or not to or re.match(rb"SRS\d[=+-]", sender, re.I):
+        return 0
+    m = re.match(rb"^([^@]+)\@(.+)$", to)
+    if not m:
+        return 0
+    dom = _valid_registered_domain(m.group(2).decode("utf-8", "replace"))
+    if not dom or "." not in dom:
+        return 0
+    rx = rb"\b" + re.escape(dom.encode()) + rb"." + re.escape(m.group(1)) + rb"@"
+    return 1 if re.search(rx, sender, re.I) else 0
+
+
+def _mailfrom_matches_rcvd(ctx, args):
+    # WLBLEval::check_mailfrom_matches_rcvd: the envelope sender's registered
+    # domain against the first untrusted relay's rDNS (all trusted ones if none)
+    sender = _get_addr(ctx, "EnvelopeFrom").decode("utf-8", "replace")
+    m = re.search(r"\@([^@]+\.[^@]+)\Z", sender)
+    relay = ctx.view.relay
+    if not m or relay is None:
+        return 0
+    rdns = (relay.get("rdns") or "").lower()
+    if not rdns:
+        return 0
+    sender_domain = _valid_registered_domain(m.group(1)) or m.group(1).lower()
+    relay_domain = _valid_registered_domain(rdns) or rdns
+    return 1 if sender_domain == relay_domain else 0
+
 _H = ("header",)
 _B = ("body", "rawbody", "full")
 EVALS: dict[str, Eval] = {
@@ -590,4 +956,22 @@ EVALS: dict[str, Eval] = {
     "check_relays_unparseable": Eval(_H, _relays_unparseable),
     "helo_ip_mismatch": Eval(_H, _helo_ip_mismatch),
     "check_for_no_rdns_dotcom_helo": Eval(_H, _no_rdns_dotcom_helo),
+    "gated_through_received_hdr_remover": Eval(_H, _gated_through_received_hdr_remover),
+    "check_for_fake_aol_relay_in_rcvd": Eval(_H, _fake_aol_relay),
+    "check_for_forged_hotmail_received_headers": Eval(_H, _forged_hotmail),
+    "check_for_no_hotmail_received_headers": Eval(_H, _no_hotmail_received),
+    "check_for_forged_eudoramail_received_headers": Eval(_H, _forged_eudoramail),
+    "check_for_forged_yahoo_received_headers": Eval(_H, _forged_yahoo),
+    "check_for_forged_juno_received_headers": Eval(_H, _forged_juno),
+    "check_for_forged_gmail_received_headers": Eval(_H, _forged_gmail),
+    "check_for_matching_env_and_hdr_from": Eval(_H, _env_and_hdr_from_match),
+    "sorted_recipients": Eval(_H, _sorted_recipients),
+    "similar_recipients": Eval(_H, _similar_recipients, _undef_range_check),
+    "check_for_to_in_subject": Eval(_H, _to_in_subject,
+                                    lambda a: None if a and a[0] in ("address", "user") else "needs 'address' or 'user'"),
+    "check_outlook_message_id": Eval(_H, _outlook_message_id),
+    "check_unresolved_template": Eval(_H, _unresolved_template),
+    "check_ratware_name_id": Eval(_H, _ratware_name_id),
+    "check_ratware_envelope_from": Eval(_H, _ratware_envelope_from),
+    "check_mailfrom_matches_rcvd": Eval(_H, _mailfrom_matches_rcvd),
 }

@@ -274,6 +274,11 @@ class MessageView:
             return _u8("\n".join(addrs))
         return _u8("".join(v.strip("\r\n") + "\n" for v in vals))
 
+    def header_addresses(self, name: str) -> list[bytes]:
+        """Every address of the header, in order (SpamAssassin's ``get('Name:addr')`` in list context)."""
+        vals = self.header_values(name)
+        return [_u8(a) for _, a in email.utils.getaddresses([v.strip() for v in vals]) if a]
+
     def header_count(self, name: str) -> int:
         return len(self._by_name.get(name.lower(), []))
 
