@@ -32,6 +32,15 @@ def cmd_rules_lint(args) -> int:
     print(f"regex rules: {regex_loaded} loaded, {regex_skipped} skipped ({share:.1f}% skipped)")
     print(f"eval rules skipped: {sum(1 for s in rs.skipped.values() if not s.regex)}")
     print(f"rules run per message (non-zero score or needed by a scored meta): {len(engine.active)}")
+    if engine.prefilters:
+        behind = sum(len(p.covered) for p in engine.prefilters.values())
+        refused = {k: r for p in engine.prefilters.values() for k, r in p.refused.items()}
+        print(f"hyperscan prefilter: {behind} regex rules behind it, {len(refused)} refused by Hyperscan "
+              f"(those run their Python regex on every message)")
+        for name, reason in sorted(refused.items()):
+            print(f"  {name}: {reason}")
+    elif engine.use_prefilter:
+        print("hyperscan prefilter: off (the hyperscan module is not installed; x86-64 only)")
     if rs.skipped:
         print("skipped:")
         for s in sorted(rs.skipped.values(), key=lambda s: s.source):

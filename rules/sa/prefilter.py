@@ -38,6 +38,7 @@ log = logging.getLogger("mailgate.rules.sa")
 MAX_PATTERN = 8000  # bytes of translated pattern; longer ones are cut (see module doc)
 REPEAT_LIMIT = 20  # {m,n} with n above this becomes {min(m, limit),}
 CHUNK = 50
+CACHE_MIN_SECONDS = 0.2  # a database that compiles faster is not worth a file
 
 
 def available() -> bool:
@@ -289,9 +290,10 @@ def _compile(hs, items: list[tuple[Hashable, bytes, int]]):
 def build(patterns: Iterable[Pattern], cache_dir: Optional[str] = None) -> Optional[Prefilter]:
     """A prefilter for what Hyperscan can take of ``patterns``; None without Hyperscan.
 
-    With ``cache_dir``, each compiled database is kept there under a hash
-    of its expressions and reused by the next start or reload (compiling the
-    stock rules takes seconds; loading them back, milliseconds).
+    With ``cache_dir``, each database that took a while to compile is kept
+    there under a hash of its expressions and reused by the next start or
+    reload (compiling the stock rules takes seconds; loading them back,
+    milliseconds).
     """
     try:
         import hyperscan as hs
@@ -353,6 +355,7 @@ def _chunk_database(hs, chunk: list, cache_dir: Optional[str]) -> tuple[object, 
         if cached is not None:
             return cached
     refused: dict[int, str] = {}
+    started = time.monotonic()
     try:
         db = _compile(hs, chunk)
     except hs.error:
@@ -364,7 +367,7 @@ def _chunk_database(hs, chunk: list, cache_dir: Optional[str]) -> tuple[object, 
                 refused[i] = str(e)
         good = [item for i, item in enumerate(chunk) if i not in refused]
         db = _compile(hs, good) if good else None
-    if path is not None:
+    if path is not None and time.monotonic() - started >= CACHE_MIN_SECONDS:
         _write_cached(hs, path, db, refused)
     return db, refused
 

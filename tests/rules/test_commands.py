@@ -21,8 +21,10 @@ def _config(tmp_path, text=""):
 def test_lint_ends_with_the_summary_line(tmp_path, capsys):
     local = tmp_path / "local"
     local.mkdir()
-    (local / "local.cf").write_text("body GOOD /fine/\nbody BROKEN /a\\Kb/\nheader EV eval:no_such_test()\n")
-    path = _config(tmp_path, f"[rules]\ndirs = [{SHIPPED_RULES!r}, {str(local)!r}]\n")
+    (local / "local.cf").write_text("body GOOD /fine/\nbody BROKEN /a\\Kb/\nheader EV eval:no_such_test()\n"
+                                    "body OPTOUT /(?:$|\\W)opt(?:out)/\n")  # Hyperscan refuses the inner $
+    path = _config(tmp_path, f"[rules]\ndirs = [{SHIPPED_RULES!r}, {str(local)!r}]\n"
+                             f"cache_dir = {str(tmp_path / 'cache')!r}\n")
     assert main(["rules", "lint", "-c", path]) == 0
     out = capsys.readouterr().out
     lines = out.rstrip("\n").splitlines()
@@ -31,6 +33,8 @@ def test_lint_ends_with_the_summary_line(tmp_path, capsys):
     assert f"{local}/local.cf:2: BROKEN (body)" in out
     assert f"{local}/local.cf:3: EV (header): eval:no_such_test() is not implemented" in out
     assert re.search(r"regex rules: \d+ loaded, 1 skipped \(\d+\.\d% skipped\)", out)
+    assert re.search(r"hyperscan prefilter: \d+ regex rules behind it, 1 refused by Hyperscan", out)
+    assert "  OPTOUT: " in out
 
 
 def test_lint_reports_missing_directories(tmp_path, capsys):

@@ -114,8 +114,8 @@ def stock_rules():
     return dirs
 
 
-def test_stock_rules_load_and_most_regex_rules_run(capsys, stock_rules):
-    engine = load_engine(RulesSettings(stock_rules=True))
+def test_stock_rules_load_and_most_regex_rules_run(capsys, stock_rules, tmp_path):
+    engine = load_engine(RulesSettings(stock_rules=True, cache_dir=str(tmp_path)))
     rs = engine.rs
     regex_loaded = sum(1 for r in rs.rules.values() if r.parsed is not None)
     regex_skipped = sum(1 for s in rs.skipped.values() if s.regex)

@@ -94,6 +94,7 @@ def test_refused_pattern_is_reported_and_left_to_python():
 
 
 def test_databases_are_cached_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefilter, "CACHE_MIN_SECONDS", 0)
     patterns = [Pattern(f"R{i}", b"word%d\\b" % i, 0) for i in range(prefilter.CHUNK + 3)]
     first = build(patterns, str(tmp_path))
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -108,7 +109,8 @@ def test_databases_are_cached_and_read_back(tmp_path, monkeypatch):
     assert again.candidates(b"word7 and word52") == {"R7", "R52"}
 
 
-def test_unreadable_cache_file_is_ignored_and_rewritten(tmp_path, caplog):
+def test_unreadable_cache_file_is_ignored_and_rewritten(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(prefilter, "CACHE_MIN_SECONDS", 0)
     patterns = [Pattern("R", b"word", 0)]
     build(patterns, str(tmp_path))
     (path,) = tmp_path.iterdir()
@@ -118,6 +120,11 @@ def test_unreadable_cache_file_is_ignored_and_rewritten(tmp_path, caplog):
     assert "unreadable cache file" in caplog.text
     assert pf.candidates(b"a word") == {"R"}
     assert path.read_bytes().startswith(b"{}\n")
+
+
+def test_quick_compiles_are_not_cached(tmp_path):
+    build([Pattern("R", b"word", 0)], str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_old_cache_files_are_pruned(tmp_path):
