@@ -139,6 +139,20 @@ def test_virus_reply_from_a_stand_in(tmp_path):
     assert outcome == Infected(["Some.Virus"])
 
 
+def test_clamd_that_stops_reading_times_out(tmp_path):
+    # the write blocks once the socket buffers are full: the kernel send
+    # timeout ends it, and it is reported as a timeout, not a refusal
+    path = str(tmp_path / "deaf.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)  # connections complete in the backlog; nothing ever reads
+    try:
+        outcome = ClamdScanner(socket_path=path, timeout=0.5).scan_blocking(b"x" * (8 * 1024 * 1024))
+    finally:
+        server.close()
+    assert isinstance(outcome, ScanFailed) and not outcome.retry and "in time" in outcome.reason
+
+
 def test_no_clamd_is_a_retryable_failure(tmp_path):
     outcome = ClamdScanner(socket_path=str(tmp_path / "none.sock"), timeout=2).scan_blocking(b"x")
     assert isinstance(outcome, ScanFailed) and outcome.retry and "could not reach clamd" in outcome.reason
