@@ -22,12 +22,14 @@ than one big database and isolates a pattern Hyperscan refuses.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
 import os
+import pickle
 import re
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -280,10 +282,10 @@ def _hs_flags(hs, flags: int) -> int:
     return out
 
 
-def _compile(hs, items: list[tuple[Hashable, bytes, int]]):
+def _compile(hs, items: list[tuple[bytes, int]]):
     db = hs.Database()
-    db.compile(expressions=[e for _, e, _ in items], ids=list(range(len(items))),
-               elements=len(items), flags=[f for _, _, f in items])
+    db.compile(expressions=[e for e, _ in items], ids=list(range(len(items))),
+               elements=len(items), flags=[f for _, f in items])
     return db
 
 
@@ -304,12 +306,17 @@ def build(patterns: Iterable[Pattern], cache_dir: Optional[str] = None) -> Optio
         source = p.source if len(p.source) <= MAX_PATTERN else required_part(p.source, MAX_PATTERN)
         if source is not None:
             items.append((p.key, hs_expression(source), _hs_flags(hs, p.flags)))
+    chunks = [items[start:start + CHUNK] for start in range(0, len(items), CHUNK)]
+    paths = [_cache_path(hs, chunk, cache_dir) if cache_dir else None for chunk in chunks]
+    built: list = [_read_cached(path) if path else None for path in paths]
+    todo = [i for i, b in enumerate(built) if b is None]
+    compiled = _compile_chunks([[(e, f) for _, e, f in chunks[i]] for i in todo])
+    for i, (body, refused, seconds) in zip(todo, compiled):
+        built[i] = (hs.loadb(body, hs.HS_MODE_BLOCK) if body else None, refused)
+        if paths[i] and seconds >= CACHE_MIN_SECONDS:
+            _write_cached(paths[i], body, refused)
     pf = Prefilter()
     covered = set()
-    chunks = [items[start:start + CHUNK] for start in range(0, len(items), CHUNK)]
-    # Hyperscan's compiler lets go of the GIL: one chunk per core at a time
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        built = list(pool.map(lambda chunk: _chunk_database(hs, chunk, cache_dir), chunks))
     for chunk, (db, refused) in zip(chunks, built):
         for i, reason in refused.items():
             pf.refused[chunk[i][0]] = reason
@@ -321,6 +328,75 @@ def build(patterns: Iterable[Pattern], cache_dir: Optional[str] = None) -> Optio
     if cache_dir:
         _prune(cache_dir)
     return pf
+
+
+# a worker: reads its chunks (pickled by the parent that started it), prints the results
+_WORKER = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); "
+           "from rules.sa.prefilter import compile_chunk; "
+           "chunks = pickle.load(sys.stdin.buffer); "
+           "pickle.dump([compile_chunk(c) for c in chunks], sys.stdout.buffer)")
+
+
+def _compile_chunks(chunks: list[list[tuple[bytes, int]]]) -> list[tuple[bytes, dict[int, str], float]]:
+    """``compile_chunk`` for each chunk; a big job in worker processes, one per core.
+
+    Compiling the stock rules takes seconds of CPU and leaves some 60 MB of
+    the compiler's scratch in the process heap; in a worker both stay out of
+    the gateway, which only loads the finished databases.  The workers are
+    plain ``python -c`` processes (not multiprocessing, which would import
+    the caller's main module again in each).
+    """
+    if len(chunks) <= 2:
+        return [compile_chunk(c) for c in chunks]
+    workers = min(len(chunks), os.cpu_count() or 1)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    slices = [list(range(w, len(chunks), workers)) for w in range(workers)]
+    procs = []
+    try:
+        for indexes in slices:
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER, root],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            procs.append(proc)
+            proc.stdin.write(pickle.dumps([chunks[i] for i in indexes]))
+            proc.stdin.close()
+        results: list = [None] * len(chunks)
+        for proc, indexes in zip(procs, slices):
+            out = proc.stdout.read()
+            if proc.wait() != 0:
+                raise OSError(f"compiler worker exited with status {proc.returncode}")
+            for i, result in zip(indexes, pickle.loads(out)):  # our own child's output
+                results[i] = result
+        return results
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        log.warning("rules prefilter: compiling in this process (worker processes failed: %s)", e)
+        return [compile_chunk(c) for c in chunks]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+
+def compile_chunk(chunk: list[tuple[bytes, int]]) -> tuple[bytes, dict[int, str], float]:
+    """(serialized database of the accepted expressions or b"", refused index -> reason, seconds)."""
+    import hyperscan as hs
+
+    started = time.monotonic()
+    refused: dict[int, str] = {}
+    try:
+        db = _compile(hs, chunk)
+    except hs.error:
+        # the binding does not say which expression failed: find out one by one
+        for i, item in enumerate(chunk):
+            try:
+                _compile(hs, [item])
+            except hs.error as e:
+                refused[i] = str(e)
+        good = [item for i, item in enumerate(chunk) if i not in refused]
+        db = _compile(hs, good) if good else None
+    body = hs.dumpb(db) if db is not None else b""
+    return body, refused, time.monotonic() - started
 
 
 CACHE_KEEP_DAYS = 7
@@ -343,57 +419,38 @@ def _prune(cache_dir: str) -> None:
                 pass
 
 
-def _chunk_database(hs, chunk: list, cache_dir: Optional[str]) -> tuple[object, dict[int, str]]:
-    """(database of the chunk's accepted expressions, refused index -> reason)."""
-    path = None
-    if cache_dir:
-        digest = hashlib.sha256(hs.__version__.encode())
-        for _, expression, flags in chunk:
-            digest.update(b"%d\0%s\0" % (flags, expression))
-        path = os.path.join(cache_dir, f"hs-{digest.hexdigest()[:32]}.db")
-        cached = _read_cached(hs, path)
-        if cached is not None:
-            return cached
-    refused: dict[int, str] = {}
-    started = time.monotonic()
-    try:
-        db = _compile(hs, chunk)
-    except hs.error:
-        # the binding does not say which expression failed: find out one by one
-        for i, item in enumerate(chunk):
-            try:
-                _compile(hs, [item])
-            except hs.error as e:
-                refused[i] = str(e)
-        good = [item for i, item in enumerate(chunk) if i not in refused]
-        db = _compile(hs, good) if good else None
-    if path is not None and time.monotonic() - started >= CACHE_MIN_SECONDS:
-        _write_cached(hs, path, db, refused)
-    return db, refused
+def _cache_path(hs, chunk: list, cache_dir: str) -> str:
+    digest = hashlib.sha256(hs.__version__.encode())
+    for _, expression, flags in chunk:
+        digest.update(b"%d\0%s\0" % (flags, expression))
+    return os.path.join(cache_dir, f"hs-{digest.hexdigest()[:32]}.db")
 
 
-def _read_cached(hs, path: str) -> Optional[tuple[object, dict[int, str]]]:
-    """What ``_write_cached`` stored: one JSON line, then the serialized database."""
+def _read_cached(path: str) -> Optional[tuple[object, dict[int, str]]]:
+    """(database, refused) from what ``_write_cached`` stored: one JSON line,
+    then the serialized database."""
+    import hyperscan as hs
+
     try:
         with open(path, "rb") as f:
             head, _, body = f.read().partition(b"\n")
         refused = {int(k): v for k, v in json.loads(head).items()}
+        db = hs.loadb(body, hs.HS_MODE_BLOCK) if body else None
         os.utime(path)  # in use: see _prune
-        return (hs.loadb(body, hs.HS_MODE_BLOCK) if body else None), refused
+        return db, refused
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, hs.error) as e:
+    except (OSError, ValueError, TypeError, AttributeError, hs.error) as e:
         log.warning("rules prefilter: ignoring unreadable cache file %s: %s", path, e)
         return None
 
 
-def _write_cached(hs, path: str, db, refused: dict[int, str]) -> None:
+def _write_cached(path: str, body: bytes, refused: dict[int, str]) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        body = hs.dumpb(db) if db is not None else b""
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             f.write(json.dumps(refused).encode() + b"\n" + body)
         os.replace(tmp, path)
-    except (OSError, hs.error) as e:
+    except OSError as e:
         log.warning("rules prefilter: cannot write cache file %s: %s", path, e)

@@ -100,10 +100,11 @@ def test_databases_are_cached_and_read_back(tmp_path, monkeypatch):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and all(f.startswith("hs-") for f in files)
 
-    def no_compiling(hs, items):
-        raise AssertionError("compiled although the cache had it")
+    def no_compiling(chunks):
+        assert chunks == [], "compiled although the cache had it"
+        return []
 
-    monkeypatch.setattr(prefilter, "_compile", no_compiling)
+    monkeypatch.setattr(prefilter, "_compile_chunks", no_compiling)
     again = build(patterns, str(tmp_path))
     assert again.covered == first.covered
     assert again.candidates(b"word7 and word52") == {"R7", "R52"}
@@ -155,3 +156,12 @@ def test_threads_scan_at_once_each_with_its_own_scratch():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_many_chunks_compile_in_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefilter, "CACHE_MIN_SECONDS", 0)
+    patterns = [Pattern(f"R{i}", b"term%d\\b" % i, 0) for i in range(3 * prefilter.CHUNK + 1)]
+    pf = build(patterns, str(tmp_path))
+    assert len(pf.databases) == 4 and len(pf.covered) == len(patterns)
+    assert pf.candidates(b"term3 term120 term150") == {"R3", "R120", "R150"}
+    assert len(list(tmp_path.iterdir())) == 4
