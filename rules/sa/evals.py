@@ -250,25 +250,66 @@ _MIME_KEYS = {
 }
 
 
+_MIME_SCAN_KEYS = {
+    # MIMEEval::_check_attachments results read by check_for_mime
+    "mime_qp_long_line": lambda st: st["qp_long_line"],
+    "mime_bad_iso_charset": lambda st: st["bad_iso_charset"],
+    # Message.pm sets this flag on the message; SA 4.0's check_for_mime looks
+    # for it on the scan status and never finds it: we read it where it is
+    "mimepart_limit_exceeded": lambda st: st["mimepart_limit_exceeded"],
+}
+
+
 def _check_for_mime(ctx, args):
+    if args[0] in _MIME_SCAN_KEYS:
+        return 1 if _MIME_SCAN_KEYS[args[0]](ctx.view.mime_scan) else 0
     return _MIME_KEYS[args[0]](ctx.view.mime_stats)
 
 
 def _mime_key_check(args):
-    return None if args and args[0] in _MIME_KEYS else f"check_for_mime('{args[0] if args else ''}') not implemented"
+    if args and (args[0] in _MIME_KEYS or args[0] in _MIME_SCAN_KEYS):
+        return None
+    return f"check_for_mime('{args[0] if args else ''}') not implemented"
+
+
+def _mime_multipart_ratio(ctx, args):
+    # MIMEEval::check_mime_multipart_ratio
+    ratio = ctx.view.mime_scan["multipart_ratio"]
+    return 1 if float(args[0]) <= ratio < float(args[1]) else 0
+
+
+def _ma_non_text(ctx, args):
+    # MIMEEval::check_ma_non_text
+    return 1 if ctx.view.mime_scan["ma_non_text"] else 0
+
+
+def _base64_length(ctx, args):
+    # MIMEEval::check_base64_length: the longest raw line (newline included) of a base64 part
+    length = ctx.view.mime_scan["base64_length"]
+    if len(args) > 1 and length > float(args[1]):
+        return 0
+    return 1 if length >= float(args[0]) else 0
+
+
+def _base64_length_check(args):
+    if not args:
+        return "needs a minimum length"
+    for a in args[:2]:
+        float(a)
+    return None
 
 
 def _mime_html_only(ctx, args):
     return 1 if ctx.view.mime_stats["html_only"] else 0
 
 
-_PARSE_FLAGS = {
-    "missing_head_body_separator": lambda v: not v.has_header_body_separator,
-}
+_PARSE_FLAGS = frozenset({"missing_head_body_separator", "truncated_header", "missing_mime_head_body_separator",
+                          "mime_epilogue_exists", "missing_mime_headers", "mimepart_limit_exceeded"})
 
 
 def _msg_parse_flags(ctx, args):
-    return 1 if _PARSE_FLAGS[args[0]](ctx.view) else 0
+    # MIMEEval::check_msg_parse_flags over Message.pm's flags
+    return 1 if args[0] in ctx.view.parse_flags else 0
 
 
 def _parse_flags_check(args):
@@ -293,20 +334,36 @@ def _html_values(r) -> dict[str, float]:
 _HTML_RANGE_KEYS = {"length", "bad_tag_ratio", "non_element_ratio", "closed_extra_ratio", "max_size", "tags"}
 
 
+def _html_range_values(r, key: str) -> list[float]:
+    if key == "obfuscation_ratio":
+        # HTML.pm: obfuscations / tags (start and end tags), per HTML part, only
+        # defined when the part has an obfuscation at all
+        return [st["obfuscation"] / st["tags"] for st in r.part_stats if st["obfuscation"] and st["tags"]]
+    return [_html_values(r)[key]]
+
+
 def _html_range(ctx, args):
+    # HTMLEval::html_range: min < value <= max, "inf" (or no max) an open top
     r = ctx.view.html
     if r is None:
         return 0
-    value = _html_values(r)[args[0]]
-    lo, hi = float(args[1]), float(args[2])
-    # SpamAssassin: min <= value < max, with "inf" as an open top
-    return 1 if lo <= value and (value < hi or hi == float("inf")) else 0
+    lo = float(args[1])
+    hi = args[2] if len(args) > 2 else "inf"
+    for value in _html_range_values(r, args[0]):
+        if hi == "inf":
+            if value > lo:
+                return 1
+        elif lo < value <= float(hi):
+            return 1
+    return 0
 
 
 def _html_range_check(args):
-    if args[0] not in _HTML_RANGE_KEYS:
+    if args[0] not in _HTML_RANGE_KEYS and args[0] != "obfuscation_ratio":
         return f"html_range('{args[0]}') not implemented"
-    float(args[1]), float(args[2])
+    float(args[1])
+    if len(args) > 2 and args[2] != "inf":
+        float(args[2])
     return None
 
 
@@ -314,7 +371,31 @@ _HTML_TESTS = {
     "html": lambda r: True,
     "embeds": lambda r: r.embeds,
     "form_action_mailto": lambda r: r.form_action_mailto,
+    # HTML.pm html_font_invisible and html_tests, per part
+    "font_low_contrast": lambda r: any(st["font_low_contrast"] for st in r.part_stats),
+    "font_invalid_color": lambda r: any(st["font_invalid_color"] for st in r.part_stats),
+    "font_face_bad": lambda r: any(st["font_face_bad"] for st in r.part_stats),
 }
+
+
+def _html_title_subject_ratio(ctx, args):
+    # HTMLEval::html_title_subject_ratio: a title longer than ratio x the Subject (its newline counted)
+    subject = _get(ctx, "Subject")
+    r = ctx.view.html
+    if not subject or r is None:
+        return 0
+    limit = float(args[0])
+    for st in r.part_stats:
+        longest = max((len(t.encode("utf-8", "surrogateescape")) for t in st["titles"] if t), default=0)
+        if longest / len(subject) > limit:
+            return 1
+    return 0
+
+
+def _iframe_src(ctx, args):
+    # HTMLEval::check_iframe_src: an <iframe> with a non-empty src
+    r = ctx.view.html
+    return 1 if r is not None and any(st["iframe_src"] for st in r.part_stats) else 0
 
 
 def _html_test(ctx, args):
@@ -572,7 +653,8 @@ def _get_addr(ctx, name: str) -> bytes:
     key = ("get:addr", name)
     value = ctx.cache.get(key)
     if value is None:
-        value = ctx.cache[key] = (ctx.view.header(name, "addr") or b"").split(b"\n", 1)[0]
+        addrs = ctx.view.header_addresses(name)
+        value = ctx.cache[key] = addrs[0] if addrs else b""
     return value
 
 
@@ -600,12 +682,18 @@ def _gated_through_received_hdr_remover(ctx, args):
 
 def _fake_aol_relay(ctx, args):
     # HeaderEval::check_for_fake_aol_relay_in_rcvd
+    # a white-space run before "rly-" is the space of the squeezed text
+    if not _AOL_RELAY.search(_get(ctx, "Received")):
+        return 0
     rcvd = _received_spaced(ctx)
-    if re.search(rb" rly-[a-z][a-z]\d\d\.", rcvd, re.I):
+    if _AOL_RELAY.search(rcvd):
         if re.search(rb"/AOL-\d+\.\d+\.\d+\)", rcvd) or re.search(rb"ESMTP id (?:RELAY|MAILRELAY|MAILIN)", rcvd):
             return 0
         return 1
     return 0
+
+
+_AOL_RELAY = re.compile(rb"\s(?i:rly-[a-z][a-z]\d\d\.)")
 
 
 def _msn_groups_headers(ctx) -> bool:
@@ -632,6 +720,10 @@ def _hotmail_state(ctx) -> tuple[int, int]:
     if state is not None:
         return state
     state = (0, 0)
+    if b"hotmail.com" not in _get(ctx, "Received") and not re.search(rb"\bhotmail\.com$", _get_addr(ctx, "From"),
+                                                                     re.I):
+        ctx.cache["hotmail"] = state  # neither a hotmail hop nor a hotmail sender: nothing to find
+        return state
     rcvd = _received_spaced(ctx)
     ip_ok = bool(_IP_RE.search(_get(ctx, "X-Originating-Ip")))
     orig_ok = bool(re.search(rb"hotmail\.com|msonline\-outlook", _get(ctx, "X-OriginatorOrg")))
@@ -752,6 +844,11 @@ def _recipients_state(ctx) -> tuple[bool, float]:
     state = ctx.cache.get("tocc")
     if state is not None:
         return state
+    values = [v for n in ("To", "Cc", "Bcc") for v in ctx.view.header_values(n, raw=True)]
+    if sum(v.count(",") + v.count(";") for v in values) + len(values) < 5:
+        # fewer than 5 addresses (each needs a separator): neither test can hit
+        state = ctx.cache["tocc"] = (False, 0.0)
+        return state
     inputs: list[bytes] = []
     for name in ("ToCc", "Bcc"):
         inputs += [a for a in ctx.view.header_addresses(name) if a]
@@ -810,8 +907,12 @@ def _to_in_subject(ctx, args):
         return 0
     subject = _get(ctx, "Subject")
     if args[0] == "address":
+        if full_to.lower() not in subject.lower():
+            return 0
         return 1 if re.search(rb"\b" + re.escape(full_to) + rb"\b", subject, re.I) else 0
     if args[0] == "user":
+        if full_to.split(b"@", 1)[0].lower() not in subject.lower():
+            return 0
         to = re.escape(full_to.split(b"@", 1)[0])
         rx = (rb"^(?:(?:re|fw):\s*(?:\w+\s+)?" + to + rb"$|(?-i:" + to + rb")\s*[,:;!?-](?:$|\s)|" + to
               + rb"$|,\s*" + to + rb"[,:;!?-]$)")
@@ -832,9 +933,13 @@ def _parse_rfc822_date(text: bytes) -> float:
 
 def _sa_message_id(ctx) -> bytes:
     """SpamAssassin's MESSAGEID pseudo-header, in its order."""
-    v = ctx.view
-    return b"".join(v.header(n) or b"" for n in ("X-Message-Id", "Resent-Message-Id", "X-Original-Message-ID",
-                                                 "Message-Id"))
+    value = ctx.cache.get("MESSAGEID")
+    if value is None:
+        v = ctx.view
+        value = ctx.cache["MESSAGEID"] = b"".join(
+            v.header(n) or b"" for n in ("X-Message-Id", "Resent-Message-Id", "X-Original-Message-ID", "Message-Id")
+            if v.header_count(n))
+    return value
 
 
 def _outlook_message_id(ctx, args):
@@ -852,14 +957,18 @@ def _outlook_message_id(ctx, args):
     return 1 if abs(timetoken - expected) >= fudge else 0
 
 
+_TEMPLATE_MARK = re.compile(rb"%[A-Z][A-Z_-]")
 _TEMPLATE_OK = re.compile(rb"^(?:X-VMS-To|X-UIDL|X-Face|To|Cc|From|Subject|References|In-Reply-To|"
                           rb"(?:X-|Resent-|X-Original-)?Message-Id):", re.I)
 
 
 def _unresolved_template(ctx, args):
     # HeaderEval::check_unresolved_template
+    head = ctx.view.raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+    if b"=?" not in head and not _TEMPLATE_MARK.search(head):
+        return 0  # nothing in the header section, raw or (no encoded words) decoded
     for line in _get(ctx, "ALL").split(b"\n"):
-        if re.search(rb"%[A-Z][A-Z_-]", line) and not _TEMPLATE_OK.match(line):
+        if _TEMPLATE_MARK.search(line) and not _TEMPLATE_OK.match(line):
             return 1
     return 0
 
@@ -911,6 +1020,72 @@ def _mailfrom_matches_rcvd(ctx, args):
     sender_domain = _valid_registered_domain(m.group(1)) or m.group(1).lower()
     relay_domain = _valid_registered_domain(rdns) or rdns
     return 1 if sender_domain == relay_domain else 0
+
+
+# --- BodyEval ----------------------------------------------------------------------
+
+
+def _mpart_alt_diff(ctx, args):
+    # BodyEval::multipart_alternative_difference
+    madiff = ctx.view.alternative_difference[0]
+    lo, hi = float(args[0]), args[1]
+    return 1 if (lo == 0 or madiff > lo) and (hi == "undef" or madiff <= float(hi)) else 0
+
+
+def _mpart_alt_diff_count(ctx, args):
+    # BodyEval::multipart_alternative_difference_count
+    _, html_words, text_words = ctx.view.alternative_difference
+    if not html_words > float(args[1]):
+        return 0
+    return 1 if text_words / html_words > float(args[0]) else 0
+
+
+def _two_numbers_or_undef(args):
+    float(args[0])
+    if args[1] != "undef":
+        float(args[1])
+    return None
+
+
+def _blank_line_ratio(ctx, args):
+    # BodyEval::check_blank_line_ratio over the decoded (not rendered) text parts
+    lo, hi = float(args[0]), float(args[1])
+    minlines = int(float(args[2])) if len(args) > 2 else 1
+    minlines = max(minlines, 1)
+    key = ("blank_lines", minlines)
+    ratio = ctx.cache.get(key)
+    if ratio is None:
+        blank = nlines = 0
+        for ctype, text, _ in ctx.view._parts:
+            if ctype == "text/calendar":
+                continue
+            for line in text.replace("\r\n", "\n").splitlines(keepends=True):
+                nlines += 1
+                if not line.strip():
+                    blank += 1
+        ratio = ctx.cache[key] = -1 if nlines < minlines else 100 * blank / nlines
+    return 1 if (lo == 0 and ratio <= hi) or lo < ratio <= hi else 0
+
+
+def _vertical_words(ctx, args):
+    # BodyEval::tvd_vertical_words: the largest share of spaces on a body line
+    lo, hi = float(args[0]), float(args[1])
+    if hi >= 100:
+        hi = 101
+    value = ctx.cache.get("tvd_vertical_words")
+    if value is None:
+        value = -1
+        for para in ctx.view.paragraphs:
+            n = len(para)
+            if n <= 5:
+                continue
+            spaces = para.count(b" ")
+            nonspaces = n - spaces
+            pct = 100 if spaces > nonspaces or nonspaces == 0 else int(100 * spaces / nonspaces)
+            value = max(value, pct)
+        ctx.cache["tvd_vertical_words"] = value
+    return 1 if lo <= value < hi else 0
+
 
 _H = ("header",)
 _B = ("body", "rawbody", "full")
@@ -974,4 +1149,13 @@ EVALS: dict[str, Eval] = {
     "check_ratware_name_id": Eval(_H, _ratware_name_id),
     "check_ratware_envelope_from": Eval(_H, _ratware_envelope_from),
     "check_mailfrom_matches_rcvd": Eval(_H, _mailfrom_matches_rcvd),
+    "check_mime_multipart_ratio": Eval(_B, _mime_multipart_ratio, _range2_check),
+    "check_ma_non_text": Eval(_B, _ma_non_text),
+    "check_base64_length": Eval(_B, _base64_length, _base64_length_check),
+    "html_title_subject_ratio": Eval(_B, _html_title_subject_ratio, lambda a: (float(a[0]), None)[1]),
+    "check_iframe_src": Eval(_B, _iframe_src),
+    "multipart_alternative_difference": Eval(_B, _mpart_alt_diff, _two_numbers_or_undef),
+    "multipart_alternative_difference_count": Eval(_B, _mpart_alt_diff_count, _range2_check),
+    "check_blank_line_ratio": Eval(_B, _blank_line_ratio, _range2_check),
+    "tvd_vertical_words": Eval(_B, _vertical_words, _range2_check),
 }

@@ -23,7 +23,7 @@ def test_unsupported_explains_why():
     assert "not implemented" in unsupported("body", ("check_stock_info", ("2",)))
     assert "not available in body" in unsupported("body", ("check_rbl", ("a", "b.")))
     assert unsupported("header", ("check_rbl", ("a", "b."))) is None
-    assert "not implemented" in unsupported("body", ("html_test", ("font_low_contrast",)))
+    assert "not implemented" in unsupported("body", ("html_test", ("no_such_test",)))
     assert unsupported("body", ("html_range", ("length", "x", "1"))).startswith("eval:html_range(): bad")
 
 
@@ -213,3 +213,176 @@ def test_mailfrom_matches_rcvd():
                  "check_mailfrom_matches_rcvd") == 0
     assert _eval(_msg("From: a@x.example", envelope_sender="bounce@example.com", relay={**relay, "rdns": ""}),
                  "check_mailfrom_matches_rcvd") == 0
+
+
+# --- MIME (MIMEEval) ----------------------------------------------------------------------
+
+def _multipart(parts: list[tuple[str, str]], ctype: str = "multipart/alternative", headers: str = "") -> MessageView:
+    body = "".join(f"--B\n{h}\n\n{b}\n" for h, b in parts) + "--B--\n"
+    return _msg(f"From: a@example.org\n{headers}Content-Type: {ctype}; boundary=B", body)
+
+
+_TEXT = "Content-Type: text/plain; charset=us-ascii"
+_HTML = "Content-Type: text/html; charset=us-ascii"
+
+
+def test_qp_long_line():
+    qp = "Content-Type: text/plain\nContent-Transfer-Encoding: quoted-printable"
+    assert _eval(_multipart([(qp, "x" * 79 + "\nend")], "multipart/mixed"), "check_for_mime",
+                 "mime_qp_long_line") == 1
+    assert _eval(_multipart([(qp, "x" * 78 + "\nend")], "multipart/mixed"), "check_for_mime",
+                 "mime_qp_long_line") == 0
+    assert _eval(_multipart([(_TEXT, "x" * 200)], "multipart/mixed"), "check_for_mime", "mime_qp_long_line") == 0
+
+
+def test_bad_iso_charset():
+    bad = _multipart([("Content-Type: text/plain; charset=iso-1234-5", "x")], "multipart/mixed")
+    good = _multipart([("Content-Type: text/plain; charset=iso-8859-15", "x"),
+                       ("Content-Type: text/plain; charset=iso-2022-jp", "y")], "multipart/mixed")
+    assert _eval(bad, "check_for_mime", "mime_bad_iso_charset") == 1
+    assert _eval(good, "check_for_mime", "mime_bad_iso_charset") == 0
+
+
+def test_mime_multipart_ratio():
+    mostly_html = _multipart([(_TEXT, "."), (_HTML, "<p>" + "word " * 100 + "</p>")])
+    balanced = _multipart([(_TEXT, "word " * 80), (_HTML, "<p>" + "word " * 80 + "</p>")])
+    assert _eval(mostly_html, "check_mime_multipart_ratio", "0.00", "0.01") == 1
+    assert _eval(balanced, "check_mime_multipart_ratio", "0.00", "0.01") == 0
+    assert _eval(_msg("From: a@example.org", "just text"), "check_mime_multipart_ratio", "0.00", "0.01") == 0
+
+
+def test_ma_non_text():
+    with_image = _multipart([(_TEXT, "hi"), ("Content-Type: image/gif", "R0lGOD")])
+    with_rtf = _multipart([(_TEXT, "hi"), ("Content-Type: application/rtf", "{\\rtf1}")])
+    assert _eval(with_image, "check_ma_non_text") == 1
+    assert _eval(with_rtf, "check_ma_non_text") == 0
+    assert _eval(_multipart([(_TEXT, "hi"), ("Content-Type: image/gif", "x")], "multipart/mixed"),
+                 "check_ma_non_text") == 0
+
+
+def test_base64_length():
+    b64 = "Content-Type: image/png\nContent-Transfer-Encoding: base64"
+    long_lines = _multipart([(b64, "A" * 78 + "\n" + "A" * 10)], "multipart/mixed")  # 79 with the newline
+    normal = _multipart([(b64, "A" * 76 + "\n" + "A" * 76)], "multipart/mixed")
+    ics = _multipart([("Content-Type: application/ics\nContent-Transfer-Encoding: base64", "A" * 100 + "\nA")],
+                     "multipart/mixed")
+    assert _eval(long_lines, "check_base64_length", "79") == 1
+    assert _eval(long_lines, "check_base64_length", "78", "78") == 0
+    assert _eval(normal, "check_base64_length", "79") == 0
+    assert _eval(normal, "check_base64_length", "77", "78") == 1
+    assert _eval(ics, "check_base64_length", "79") == 0
+
+
+@pytest.mark.parametrize("flag,body,hit", [
+    ("missing_mime_head_body_separator", "--B\nContent-Type: text/plain\nnot a header\n--B--\n", 1),
+    ("missing_mime_head_body_separator", "--B\nContent-Type: text/plain\n\nfine\n--B--\n", 0),
+    ("missing_mime_headers", "--B\n\nno headers here\n--B--\n", 1),
+    ("missing_mime_headers", "--B\nContent-Type: text/plain\n\nfine\n--B--\n", 0),
+    ("mime_epilogue_exists", "--B\nContent-Type: text/plain\n\nfine\n--B--\nafter the end\n", 1),
+    ("mime_epilogue_exists", "--B\nContent-Type: text/plain\n\nfine\n--B--\n.\n\n", 0),
+])
+def test_mime_parse_flags(flag, body, hit):
+    view = _msg("From: a@example.org\nContent-Type: multipart/mixed; boundary=B", body)
+    assert _eval(view, "check_msg_parse_flags", flag) == hit
+
+
+def test_truncated_header_flag():
+    assert _eval(_msg("From: a@example.org\nX-Long: " + "x" * 8200), "check_msg_parse_flags", "truncated_header") == 1
+    assert _eval(_msg("From: a@example.org\nX-Long: " + "x" * 8000), "check_msg_parse_flags", "truncated_header") == 0
+
+
+def test_mimepart_limit():
+    many = _multipart([(_TEXT, str(i)) for i in range(1000)], "multipart/mixed")
+    assert _eval(many, "check_for_mime", "mimepart_limit_exceeded") == 1
+    assert _eval(_multipart([(_TEXT, "x")] * 3, "multipart/mixed"), "check_for_mime", "mimepart_limit_exceeded") == 0
+
+
+# --- HTML (HTMLEval, HTML.pm) -----------------------------------------------------------
+
+
+def _html(markup: str, subject: str = "Hello") -> MessageView:
+    return _msg(f"From: a@example.org\nSubject: {subject}\nContent-Type: text/html", markup)
+
+
+def test_obfuscation_ratio():
+    # "V<b></b>ia<i></i>gra": two words split by tags, 4 tags -> 0.5
+    split = _html("V<b></b>ia<i></i>gra")
+    assert _eval(split, "html_range", "obfuscation_ratio", ".3", ".5") == 1
+    assert _eval(split, "html_range", "obfuscation_ratio", ".5", ".6") == 0
+    # a word after a block tag or after punctuation is not split
+    clean = _html("<p>Hello</p><p>world</p> one<br>two. <b>three</b>")
+    assert _eval(clean, "html_range", "obfuscation_ratio", "0", "inf") == 0
+
+
+def test_html_range_bounds_are_min_exclusive_max_inclusive():
+    big = _html('<font size="6">big</font>')
+    assert _eval(big, "html_range", "max_size", "5", "6") == 1
+    assert _eval(big, "html_range", "max_size", "6", "inf") == 0
+    assert _eval(_html('<font size="7">x</font>'), "html_range", "max_size", "6", "inf") == 1
+
+
+@pytest.mark.parametrize("markup,test,hit", [
+    ('<font color="#ffffff">hidden</font>', "font_low_contrast", 1),
+    ('<body bgcolor="#000000"><font color="#000001">x</font></body>', "font_low_contrast", 0),  # HTML.pm ignores bgcolor=
+    ('<div style="background-color: #000000"><span style="color: #050505">x</span></div>', "font_low_contrast", 1),
+    ('<font color="#000080">visible</font>', "font_low_contrast", 0),
+    ('<p style="color: red; background: url(x.png) #ff0000">same</p>', "font_low_contrast", 1),
+    ('<font color="#ffffff"></font>text', "font_low_contrast", 0),  # closed before the text
+    ('<font color="bogus">x</font>', "font_invalid_color", 1),
+    ('<font color="ff0000">x</font>', "font_invalid_color", 1),  # SpamAssassin wants the '#'
+    ('<font color="red">x</font>', "font_invalid_color", 0),
+    ('<font face="Arial, Helvetica">x</font>', "font_face_bad", 0),
+    ("<font face='\"Tahoma\", Verdana'>x</font>", "font_face_bad", 0),
+    ('<font face="x@y#1">x</font>', "font_face_bad", 1),
+])
+def test_html_font_tests(markup, test, hit):
+    assert _eval(_html(markup), "html_test", test) == hit
+
+
+def test_title_subject_ratio():
+    long_title = _html("<title>" + "A much longer title than the subject" + "</title><p>x</p>", subject="Hi")
+    assert _eval(long_title, "html_title_subject_ratio", "3.5") == 1
+    assert _eval(_html("<title>Hi there</title>x", subject="Hi there"), "html_title_subject_ratio", "3.5") == 0
+    assert _eval(_html("<p>no title</p>", subject="Hi"), "html_title_subject_ratio", "3.5") == 0
+
+
+def test_iframe_src():
+    assert _eval(_html('<iframe src="http://x.example/">'), "check_iframe_src") == 1
+    assert _eval(_html('<iframe src="  ">'), "check_iframe_src") == 0
+    assert _eval(_html("<p>none</p>"), "check_iframe_src") == 0
+
+
+# --- BodyEval -------------------------------------------------------------------------
+
+
+def test_multipart_alternative_difference():
+    same = _multipart([(_TEXT, "buy cheap watches today"), (_HTML, "<p>buy <b>cheap</b> watches today</p>")])
+    differ = _multipart([(_TEXT, "hello friend"),
+                         (_HTML, "<p>buy cheap watches today at our store</p>")])
+    assert _eval(same, "multipart_alternative_difference", "99", "100") == 0
+    assert _eval(differ, "multipart_alternative_difference", "99", "100") == 1
+    assert _eval(_html("<p>only html</p>"), "multipart_alternative_difference", "99", "100") == 0
+
+
+def test_multipart_alternative_difference_count():
+    many_text = _multipart([(_TEXT, " ".join(f"w{i}" for i in range(20))), (_HTML, "<p>w1 w2 w3 w4 w5</p>")])
+    assert _eval(many_text, "multipart_alternative_difference_count", "3", "1") == 1
+    even = _multipart([(_TEXT, "w1 w2 w3 w4 w5"), (_HTML, "<p>w1 w2 w3 w4 w5</p>")])
+    assert _eval(even, "multipart_alternative_difference_count", "3", "1") == 0
+
+
+def test_blank_line_ratio():
+    airy = _msg("From: a@example.org", "line\n\n\n\n\n\n\n\n\nend\n")
+    dense = _msg("From: a@example.org", "one\ntwo\nthree\n\nfour\n")
+    assert _eval(airy, "check_blank_line_ratio", "70", "90", "4") == 1
+    assert _eval(dense, "check_blank_line_ratio", "70", "90", "4") == 0
+    assert _eval(_msg("From: a@example.org", "x\n"), "check_blank_line_ratio", "0", "10", "4") == 1  # -1: too short
+
+
+def test_vertical_words():
+    vertical = _msg("From: a@example.org\nSubject: hi", "V I A G R A N O W\n")
+    prose = _msg("From: a@example.org\nSubject: hi", "A normal sentence of ordinary words.\n")
+    assert _eval(vertical, "tvd_vertical_words", "0", "10") == 0
+    assert _eval(prose, "tvd_vertical_words", "0", "10") == 0
+    assert _eval(prose, "tvd_vertical_words", "10", "30") == 1
+    assert _eval(vertical, "tvd_vertical_words", "80", "100") == 1  # 8 spaces to 9 letters: 88 %

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rules.sa.message import MessageView
+import pytest
+
+from rules.sa.message import MessageView, name_to_rgb, parse_css_background
 
 RAW = (
     b"Received: from a.test by mx.test; Sat, 28 Nov 2026 12:00:00 +0000\r\n"
@@ -55,3 +57,50 @@ def test_relays_pseudo_headers_come_from_the_session():
     v = MessageView(RAW, relays={"x-spam-relays-untrusted": b"[ ip=192.0.2.1 rdns= helo=x ]"})
     assert v.header("X-Spam-Relays-Untrusted") == b"[ ip=192.0.2.1 rdns= helo=x ]\n"
     assert v.header("X-Spam-Relays-Trusted") is None
+
+
+def test_header_addresses_lists_every_address():
+    v = MessageView(RAW)
+    assert v.header_addresses("ToCc") == [b"a@example.test", b"b@example.test"]
+    assert v.header_addresses("Bcc") == []
+
+
+def test_mime_scan_facts():
+    st = MessageView(RAW).mime_scan
+    assert st["multipart_alternative"] and st["body_html_count"] == 1 and st["body_text_count"] == 1
+    assert not st["qp_long_line"] and not st["ma_non_text"] and st["base64_length"] == 0
+    # text bytes over HTML bytes of the alternative's last parts
+    assert 0.1 < st["multipart_ratio"] < 0.5
+
+
+def test_parse_flags_of_a_clean_message_are_empty():
+    assert MessageView(RAW).parse_flags == frozenset()
+    assert "missing_head_body_separator" in MessageView(b"From: a@example.test\r\nSubject: x").parse_flags
+
+
+def test_html_part_stats_follow_sa_html_pm():
+    v = MessageView(RAW)
+    (st,) = v.html.part_stats
+    assert st["titles"] == ["T"] and st["img"] == 1
+    assert st["tags"] == 19  # start and end tags, as HTML.pm counts them
+    assert st["obfuscation"] == 0 and not st["font_low_contrast"]
+
+
+@pytest.mark.parametrize("value,rgb", [
+    ("White", "#ffffff"), ("#FFF", "#ffffff"), ("#12345", "#112233"), ("#1234567", "#123456"),
+    ("rgb(255, 0, 16)", "#ff0010"), ("rgb(100%, 0%, 50%)", "#ff007f"), ("ff0000", "invalid"),
+    ("bogus", "invalid"),
+])
+def test_name_to_rgb(value, rgb):
+    assert name_to_rgb(value) == rgb
+
+
+def test_parse_css_background_layers():
+    assert parse_css_background('url("a b.png") no-repeat, rgb(1, 2, 3) red') == [
+        ['url("a b.png")', "no-repeat"], ["rgb(1, 2, 3)", "red"]]
+
+
+def test_alternative_difference_counts_words_missing_from_text():
+    madiff, html_words, text_words = MessageView(RAW).alternative_difference
+    # HTML words T, Hello, world, See, this; the text part has none of them
+    assert (html_words, text_words) == (5, 6) and madiff == 100.0
