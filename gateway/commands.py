@@ -144,6 +144,9 @@ def _signal_gateway(spool, sig) -> bool:
         return False
 
 
+_DONE = {"delete": "deleted", "hold": "held", "release": "released"}
+
+
 def cmd_queue(args) -> int:
     spool = _spool(args)
     action = args.action
@@ -158,11 +161,12 @@ def cmd_queue(args) -> int:
         return 0
     if action == "flush":
         ids = []
-        for e in spool.entries():
-            if not e.held:
-                e.next_try = 0
-                spool.update(e)
-                ids.append(e.queue_id)
+        for listed in spool.entries():
+            with spool.locked(listed.queue_id) as e:
+                if e is not None and not e.held:
+                    e.next_try = 0
+                    spool.update(e)
+                    ids.append(e.queue_id)
         told = _signal_gateway(spool, signal.SIGUSR1)
         print(f"flush: {len(ids)} message(s){'' if told else ' (gateway not running; they go at its next start)'}")
         return 0
@@ -175,18 +179,21 @@ def cmd_queue(args) -> int:
         print()
         sys.stdout.buffer.write(spool.read(args.id))
         return 0
-    if action == "delete":
-        spool.remove(args.id)
-        print(f"deleted {args.id}")
-    elif action == "hold":
-        entry.held = True
-        spool.update(entry)
-        print(f"held {args.id}")
-    elif action == "release":
-        entry.held, entry.next_try = False, 0
-        spool.update(entry)
+    # under the message's lock: a delivery attempt finishing now keeps this change
+    with spool.locked(args.id) as entry:
+        if entry is None:
+            raise MailGateError(f"queue {action}: message {args.id!r} left the queue meanwhile")
+        if action == "delete":
+            spool.remove(args.id)
+        elif action == "hold":
+            entry.held = True
+            spool.update(entry)
+        elif action == "release":
+            entry.held, entry.next_try = False, 0
+            spool.update(entry)
+    if action == "release":
         _signal_gateway(spool, signal.SIGUSR1)
-        print(f"released {args.id}")
+    print(f"{_DONE[action]} {args.id}")
     return 0
 
 

@@ -147,14 +147,30 @@ class QueueManager:
             backoff = min(self.settings.retry_max, self.settings.retry_min * (2 ** (entry.attempts - 1)))
             entry.next_try = now + backoff
             entry.last_error = still[0].reply
-            yield self.run_in_thread(self.spool.update, entry)
-            log.info("queue_id=%s deferred=%d next_try_in=%ds attempts=%d", queue_id, len(still),
-                     int(backoff), entry.attempts)
-            self.schedule(queue_id, backoff)
+            kept = yield self.run_in_thread(self._save, entry, True)
+            if kept:
+                log.info("queue_id=%s deferred=%d next_try_in=%ds attempts=%d", queue_id, len(still),
+                         int(backoff), entry.attempts)
+                self.schedule(queue_id, backoff)
         else:
-            yield self.run_in_thread(self.spool.remove, queue_id)
+            yield self.run_in_thread(self._save, entry, False)
             log.debug("queue_id=%s removed sent=%d bounced=%d", queue_id,
                      sum(r.status == SENT for r in entry.recipients), len(bounced))
+
+    def _save(self, entry: QueueEntry, keep: bool) -> bool:
+        """Write an attempt's outcome, keeping what `mailgate queue` changed
+        while it ran: a hold stays, a deleted message stays deleted.  True
+        when the message is still queued."""
+        with self.spool.locked(entry.queue_id) as current:
+            if current is None:
+                log.info("queue_id=%s deleted during the attempt", entry.queue_id)
+                return False
+            if not keep:
+                self.spool.remove(entry.queue_id)
+                return False
+            entry.held = current.held
+            self.spool.update(entry)
+            return not entry.held
 
     def _bounce(self, entry: QueueEntry, failed: list, original: bytes) -> defer.Deferred:
         if entry.bounce_of or not self.dsn.should_bounce(entry.sender):

@@ -10,6 +10,10 @@ Layout under the queue dir::
                      first line of the message file
     quarantine/ID    quarantined message + ID.json verdict
 
+Changes to a message's envelope (a delivery attempt's outcome, ``mailgate
+queue hold/release/delete``) are made under ``Spool.locked``, an flock on
+its message file, so two processes never overwrite each other's change.
+
 A message is committed by one rename: the file is written in tmp/, fsynced,
 renamed into messages/, and the directory fsynced.  A crash before the rename
 leaves only a tmp file, which start-up removes: half a message is never
@@ -20,6 +24,8 @@ through a thread pool.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -130,6 +136,24 @@ class Spool:
                 os.unlink(os.path.join(d, queue_id))
             except FileNotFoundError:
                 pass
+
+    @contextlib.contextmanager
+    def locked(self, queue_id: str) -> Iterator[Optional[QueueEntry]]:
+        """The message's current entry (None: not in the queue), held
+        exclusively against other processes until the block ends."""
+        if not _valid_id(queue_id):
+            yield None
+            return
+        try:
+            fd = os.open(os.path.join(self.messages, queue_id), os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self.entry(queue_id)
+        finally:
+            os.close(fd)  # releases the lock
 
     # --- reading -----------------------------------------------------------
 

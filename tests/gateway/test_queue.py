@@ -1,5 +1,6 @@
 """Queue manager: retries with backoff, lifetime, bounces; time from task.Clock."""
 
+import os
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -145,3 +146,40 @@ def test_stop_waits_for_attempts_under_way(tmp_path):
     assert not stopped.called
     pending.callback([Outcome("bob@example.test", "sent", 250, "ok")])
     assert stopped.called
+
+
+class HeldOpen(ScriptedDeliverer):
+    """Every attempt waits until the test answers it."""
+
+    def deliver(self, queue_id, sender, recipients, data, arrival=None):
+        self.calls.append((queue_id, sender, list(recipients), data))
+        self.pending = defer.Deferred()
+        return self.pending.addCallback(lambda status: [Outcome(r, status, 451, "451 later") for r in recipients])
+
+
+def test_hold_given_during_an_attempt_survives_its_outcome(tmp_path):
+    d = HeldOpen()
+    q, clock = manager(tmp_path, d)
+    q.enqueue(entry(clock), b"msg")
+    clock.advance(0)
+    with q.spool.locked("Q1a") as e:  # what `mailgate queue hold` does meanwhile
+        e.held = True
+        q.spool.update(e)
+    d.pending.callback("deferred")
+    saved = q.spool.entry("Q1a")
+    assert saved.held and saved.attempts == 1 and saved.last_error == "451 later"
+    clock.advance(10_000)
+    assert len(d.calls) == 1  # held: not tried again
+
+
+def test_delete_given_during_an_attempt_is_not_undone(tmp_path):
+    d = HeldOpen()
+    q, clock = manager(tmp_path, d)
+    q.enqueue(entry(clock), b"msg")
+    clock.advance(0)
+    q.spool.remove("Q1a")
+    d.pending.callback("deferred")
+    assert q.spool.entry("Q1a") is None
+    assert os.listdir(q.spool.envelopes) == []  # no envelope left without its message
+    clock.advance(10_000)
+    assert len(d.calls) == 1

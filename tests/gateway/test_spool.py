@@ -58,3 +58,27 @@ def test_quarantine_store_list_remove(tmp_path):
     assert s.quarantine_read("Q1") == b"msg"
     s.quarantine_remove("Q1")
     assert s.quarantine_list() == []
+
+
+def test_locked_gives_the_entry_and_excludes_other_lockers(tmp_path):
+    import fcntl
+
+    s = Spool(str(tmp_path))
+    e = QueueEntry(queue_id="Q1", sender="a@x.test", recipients=[RecipientState("b@y.test")], arrival=1.0)
+    s.store(e, b"m")
+    with s.locked("Q1") as current:
+        assert current.queue_id == "Q1" and current.sender == "a@x.test"
+        other = os.open(os.path.join(s.messages, "Q1"), os.O_RDONLY)  # another process's view
+        try:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                raise AssertionError("a second locker got the lock")
+            except BlockingIOError:
+                pass
+        finally:
+            os.close(other)
+    other = os.open(os.path.join(s.messages, "Q1"), os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    os.close(other)
+    with s.locked("NOPE") as missing, s.locked("../etc") as bad:
+        assert missing is None and bad is None
