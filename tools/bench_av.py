@@ -116,6 +116,7 @@ def main(argv=None) -> int:
         rate = n / sum(values) if sum(values) else 0
         print(f"{label:<34} {n:>5} {med:>10.2f} {p99:>9.2f} {rate:>8.0f}")
     print("(unique content per message: clamd's clean-result cache never hits)")
+    print(clamd_temp_note())
     return 0
 
 
