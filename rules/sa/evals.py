@@ -1087,6 +1087,67 @@ def _vertical_words(ctx, args):
     return 1 if lo <= value < hi else 0
 
 
+
+# --- WLBLEval: URI host lists ------------------------------------------------------
+
+_URI_HOST_TABLES: dict[int, tuple] = {}
+
+
+def _uri_host_table(entries: list[str]) -> dict[str, bool]:
+    """host -> listed (False for a "!host" exception), the last entry on a host winning;
+    built once per loaded list (the list object is kept so its id stays its own)."""
+    cached = _URI_HOST_TABLES.get(id(entries))
+    if cached is not None and cached[0] is entries and cached[1] == len(entries):
+        return cached[2]
+    table = {}
+    for e in entries:
+        table[e.lstrip("!")] = not e.startswith("!")
+    _URI_HOST_TABLES[id(entries)] = (entries, len(entries), table)
+    return table
+
+
+def _uri_hosts_enlisted(ctx) -> dict[str, str]:
+    """WLBLEval::_check_uri_host_listed: list name -> the first host found on it."""
+    found = ctx.cache.get("uri_host_enlisted")
+    if found is not None:
+        return found
+    found = ctx.cache["uri_host_enlisted"] = {}
+    names = sorted(k.split(":", 1)[1] for k in ctx.lists if k.startswith("uri_host:"))
+    if not names:
+        return found
+    from rules.sa import uris as uri_mod
+
+    tables = {n: _uri_host_table(ctx.lists["uri_host:" + n]) for n in names}
+    seen = set()
+    for uri in ctx.view.uris:
+        if uri[:7].lower() == "mailto:":
+            continue
+        host = (uri_mod.host_of(uri) or "").lower()
+        if not host or host in seen:
+            continue
+        seen.add(host)
+        if host.startswith("[") and host.endswith("]"):
+            keys = [host[1:-1]]
+        elif re.fullmatch(r"\d+\.\d+\.\d+\.\d+", host):
+            keys = [host]
+        else:
+            labels = host.split(".")
+            keys = [".".join(labels[i:]) for i in range(len(labels))][-11:]  # SA keeps the last 11
+        for name in names:
+            table = tables[name]
+            for q in keys:
+                verdict = table.get(q)
+                if verdict is not None:
+                    if verdict and name not in found:
+                        found[name] = host
+                    break
+    return found
+
+
+def _uri_host_listed(ctx, args):
+    # WLBLEval::check_uri_host_listed
+    return 1 if args[0] in _uri_hosts_enlisted(ctx) else 0
+
 _H = ("header",)
 _B = ("body", "rawbody", "full")
 EVALS: dict[str, Eval] = {
@@ -1157,5 +1218,10 @@ EVALS: dict[str, Eval] = {
     "multipart_alternative_difference": Eval(_B, _mpart_alt_diff, _two_numbers_or_undef),
     "multipart_alternative_difference_count": Eval(_B, _mpart_alt_diff_count, _range2_check),
     "check_blank_line_ratio": Eval(_B, _blank_line_ratio, _range2_check),
+    "check_uri_host_listed": Eval(_H + _B, _uri_host_listed, lambda a: None if a and a[0] else "needs a list name"),
+    "check_uri_host_in_blocklist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("BLOCK",))),
+    "check_uri_host_in_blacklist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("BLOCK",))),
+    "check_uri_host_in_welcomelist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("WELCOME",))),
+    "check_uri_host_in_whitelist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("WELCOME",))),
     "tvd_vertical_words": Eval(_B, _vertical_words, _range2_check),
 }

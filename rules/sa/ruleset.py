@@ -63,7 +63,7 @@ _IGNORED = {
     "clear_originating_ip_headers", "originating_ip_headers", "bayes_ignore_header",
     "util_rb_tld", "util_rb_2tld", "util_rb_3tld", "clear_util_rb", "freemail_domains",
     "url_shortener", "url_shortener_get", "redirector_pattern", "uridnsbl_skip_domain",
-    "enlist_uri_host", "adsp_override", "def_whitelist_auth", "def_welcomelist_auth",
+    "adsp_override", "def_whitelist_auth", "def_welcomelist_auth",
     "whitelist_auth", "welcomelist_auth", "def_whitelist_from_dkim", "def_welcomelist_from_dkim",
     "whitelist_from_dkim", "welcomelist_from_dkim", "def_whitelist_from_spf",
     "def_welcomelist_from_spf", "whitelist_from_spf", "welcomelist_from_spf",
@@ -88,6 +88,12 @@ _WL_LISTS = {
     "whitelist_to": "welcome_to", "welcomelist_to": "welcome_to",
     "blacklist_to": "block_to", "blocklist_to": "block_to",
     "more_spam_to": "more_spam_to", "all_spam_to": "all_spam_to",
+}
+
+# directive -> the URI host list it fills ("" when the list is named in the line)
+_URI_HOST_LISTS = {
+    "enlist_uri_host": "", "delist_uri_host": "", "blocklist_uri_host": "BLOCK", "blacklist_uri_host": "BLOCK",
+    "welcomelist_uri_host": "WELCOME", "whitelist_uri_host": "WELCOME",
 }
 
 
@@ -297,10 +303,34 @@ class Parser:
             if m:
                 rs.lists.setdefault("list:" + m.group(1).lower(), []).extend(
                     a.lower() for a in m.group(2).split())
+        elif word in _URI_HOST_LISTS:
+            self.uri_host_list(word, rest, where)
         elif word in _IGNORED or _BAYES_STOPWORDS.match(word) or word.startswith(("replace_", "report_")):
             rs.ignored_directives += 1
         else:
             rs.ignored_directives += 1
+
+    def uri_host_list(self, word: str, rest: str, where: str) -> None:
+        """WLBLEval's URI host lists (Conf.pm enlist_uri_host and friends), kept in
+        ``lists["uri_host:NAME"]`` in order as "host" or "!host"; the last word on a host wins."""
+        rs = self.rs
+        m = re.match(r"\((.+?)\)\s+(.+)", rest, re.S)
+        if _URI_HOST_LISTS[word]:
+            names, hosts = [_URI_HOST_LISTS[word]], rest
+        elif m:
+            names, hosts = [m.group(1)], m.group(2)
+        elif word == "delist_uri_host" and rest:
+            names, hosts = [k.split(":", 1)[1] for k in rs.lists if k.startswith("uri_host:")], rest
+        else:
+            rs.problems.append(f"{where}: {word} needs (LISTNAME) and hosts")
+            return
+        for name in names:
+            entries = rs.lists.setdefault("uri_host:" + name, [])
+            if word == "delist_uri_host":
+                drop = {h.lstrip("!") for h in hosts.lower().split()}
+                entries[:] = [e for e in entries if e.lstrip("!") not in drop]
+            else:
+                entries.extend(hosts.lower().split())
 
     def define(self, kind: str, name: str, spec: str, where: str) -> None:
         rs = self.rs

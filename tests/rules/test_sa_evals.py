@@ -386,3 +386,46 @@ def test_vertical_words():
     assert _eval(prose, "tvd_vertical_words", "0", "10") == 0
     assert _eval(prose, "tvd_vertical_words", "10", "30") == 1
     assert _eval(vertical, "tvd_vertical_words", "80", "100") == 1  # 8 spaces to 9 letters: 88 %
+
+
+# --- WLBLEval: URI host lists ------------------------------------------------------------
+
+
+def _uri_lists(text: str) -> dict:
+    from rules.sa.ruleset import load_text
+
+    return load_text(text, path="local.cf").lists
+
+
+def test_uri_host_lists_are_read_in_order():
+    lists = _uri_lists("enlist_uri_host (SUSP) top example.com\nenlist_uri_host (SUSP) !good.example.com\n"
+                       "blocklist_uri_host bad.example\nwelcomelist_uri_host friend.example\n"
+                       "enlist_uri_host (OTHER) zip\ndelist_uri_host (SUSP) top\n")
+    assert lists["uri_host:SUSP"] == ["example.com", "!good.example.com"]
+    assert lists["uri_host:BLOCK"] == ["bad.example"] and lists["uri_host:WELCOME"] == ["friend.example"]
+    assert lists["uri_host:OTHER"] == ["zip"]
+
+
+@pytest.mark.parametrize("url,listname,hit", [
+    ("http://www.shop.top/x", "SUSP", 1),           # a listed TLD covers every host under it
+    ("http://a.example.com/", "SUSP", 1),
+    ("http://good.example.com/", "SUSP", 0),         # "!host" is an exception to its parent
+    ("http://x.good.example.com/", "SUSP", 0),
+    ("http://example.org/", "SUSP", 0),
+    ("http://bad.example/", "BLOCK", 1),
+    ("mailto:someone@bad.example", "BLOCK", 0),       # mailto URIs are not looked at
+])
+def test_check_uri_host_listed(url, listname, hit):
+    lists = _uri_lists("enlist_uri_host (SUSP) top example.com !good.example.com\nblocklist_uri_host bad.example\n")
+    view = _msg("From: a@example.org\nSubject: s", f"see {url} now\n")
+    assert int(run(EvalContext(view, lists=lists), ("check_uri_host_listed", (listname,)))) == hit
+
+
+def test_uri_host_in_blocklist_and_welcomelist():
+    lists = _uri_lists("blocklist_uri_host bad.example\nwelcomelist_uri_host friend.example\n")
+    bad = _msg("From: a@example.org", "go to http://www.bad.example/offer\n")
+    friendly = _msg("From: a@example.org", "go to http://friend.example/\n")
+    assert int(run(EvalContext(bad, lists=lists), ("check_uri_host_in_blocklist", ()))) == 1
+    assert int(run(EvalContext(bad, lists=lists), ("check_uri_host_in_welcomelist", ()))) == 0
+    assert int(run(EvalContext(friendly, lists=lists), ("check_uri_host_in_welcomelist", ()))) == 1
+    assert int(run(EvalContext(friendly, lists={}), ("check_uri_host_in_welcomelist", ()))) == 0
