@@ -14,13 +14,12 @@ from gateway.errors import MailGateError
 
 
 def cmd_run(args) -> int:
-    from gateway.cli import load_config
+    from gateway import config as cfg
     from gateway.service import run
 
-    config = load_config(args)
-    from gateway import config as cfg
-
-    return run(config, cfg.find_config_path(args.config))
+    path = cfg.find_config_path(args.config)
+    config, source = cfg.load_with_source(path)
+    return run(config, path, source)
 
 
 def cmd_deliver(args) -> int:

@@ -331,15 +331,26 @@ def validate(data: dict, plugin_sections: dict[str, Any], path: str | None = Non
 
 
 def read_toml(path: str) -> dict:
+    return parse_toml(read_source(path), path)
+
+
+def read_source(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            return f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"not valid TOML: {e}", path) from None
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", path) from None
+
+
+def parse_toml(source: bytes, path: str) -> dict:
+    try:
+        return tomllib.loads(source.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text: {e}", path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", path) from None
 
 
 # The config `make run` uses when no file is given: a gateway a new user can
@@ -373,15 +384,19 @@ def find_config_path(explicit: str | None) -> str | None:
 
 def load(path: str | None, plugin_sections: dict[str, Any] | None = None):
     """Load and validate; ``path=None`` loads the embedded default."""
+    return load_with_source(path, plugin_sections)[0]
+
+
+def load_with_source(path: str | None, plugin_sections: dict[str, Any] | None = None) -> tuple[Any, bytes]:
+    """``load``, and the exact bytes it validated: what the delivery process
+    is given, so it never runs a file the gateway has not accepted."""
     if plugin_sections is None:
         from gateway.plugins import discover
 
         plugin_sections = discover().sections
-    if path is None:
-        data = tomllib.loads(EMBEDDED_DEFAULT)
-    else:
-        data = read_toml(path)
-    return validate(data, plugin_sections, path or "(embedded default)")
+    source = EMBEDDED_DEFAULT.encode() if path is None else read_source(path)
+    label = path or "(embedded default)"
+    return validate(parse_toml(source, label), plugin_sections, label), source
 
 
 def route_for(routes: dict[str, Route], domain: str) -> Route:

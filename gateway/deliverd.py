@@ -38,22 +38,33 @@ class _Child(protocol.ProcessProtocol):
         self.agent._child_ended(reason.value.exitCode)
 
 
+RUNNING_CONFIG = "config.running.toml"
+
+
 class DeliveryAgent:
     """Parent side: spools, tells the child, and keeps a child running."""
 
-    def __init__(self, spool: Spool, reactor, run_in_thread, config_path: Optional[str]):
+    def __init__(self, spool: Spool, reactor, run_in_thread, config_source: bytes):
         self.spool = spool
         self.reactor = reactor
         self.run_in_thread = run_in_thread
-        self.config_path = config_path
+        # the child reads the config the parent accepted, not the admin's file:
+        # a child restarted while that file is broken still gets a good one
+        self.config_path = os.path.join(spool.root, RUNNING_CONFIG)
+        self._write_config(config_source)
         self.transport = None
         self.stopping = False
         self.ended: Optional[defer.Deferred] = None
 
+    def _write_config(self, source: bytes) -> None:
+        tmp = f"{self.config_path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold passwords
+        with os.fdopen(fd, "wb") as f:
+            f.write(source)
+        os.replace(tmp, self.config_path)
+
     def start(self) -> None:
-        args = [sys.executable, "-m", "gateway.cli", "deliver"]
-        if self.config_path:
-            args += ["-c", os.path.abspath(self.config_path)]
+        args = [sys.executable, "-m", "gateway.cli", "deliver", "-c", self.config_path]
         env = dict(os.environ, MAILGATE_SPOOL=self.spool.root)
         self.transport = self.reactor.spawnProcess(_Child(self), sys.executable, args, env=env,
                                                    childFDs={0: "w", 1: 1, 2: 2})
@@ -91,7 +102,8 @@ class DeliveryAgent:
     def flush(self) -> None:
         self._tell("FLUSH")
 
-    def reload(self) -> None:
+    def reload(self, config_source: bytes) -> None:
+        self._write_config(config_source)
         self._tell("RELOAD")
 
     def stop(self) -> defer.Deferred:

@@ -52,13 +52,15 @@ def setup_logging(level: str = "info") -> None:
 
 
 class Gateway:
-    def __init__(self, config, config_path: Optional[str], reactor):
+    def __init__(self, config, config_path: Optional[str], reactor, source: Optional[bytes] = None):
         from twisted.internet.threads import deferToThreadPool
 
         from gateway.plugins import Services, discover
         from gateway.resolver import Resolver
 
         self.config_path = config_path
+        # the config text that was validated: the delivery process runs exactly this
+        self.source = source
         self.reactor = reactor
         self.catalogue = discover()
         pool = reactor.getThreadPool()
@@ -88,6 +90,7 @@ class Gateway:
     def start(self):
         from twisted.internet import endpoints
 
+        from gateway import config as cfg
         from gateway.auth import make_portal
         from gateway.deliverd import DeliveryAgent
         from gateway.delivery import Deliverer
@@ -102,7 +105,9 @@ class Gateway:
         self._write_pid(spool.root)
         spool.clean_tmp()  # before we listen: nothing of ours can be half-written yet
         if config.queue.delivery_process:
-            self.queue = DeliveryAgent(spool, self.reactor, self.run_in_thread, self.config_path)
+            if self.source is None:
+                self.source = cfg.load_with_source(self.config_path, self.catalogue.sections)[1]
+            self.queue = DeliveryAgent(spool, self.reactor, self.run_in_thread, self.source)
         else:
             deliverer = Deliverer(
                 reactor=self.reactor, resolver=self.resolver, routes=config.routes,
@@ -162,7 +167,7 @@ class Gateway:
         from gateway.runtime import build_runtime
 
         try:
-            new = cfg.load(self.config_path, self.catalogue.sections)
+            new, source = cfg.load_with_source(self.config_path, self.catalogue.sections)
             runtime = build_runtime(new, self.catalogue, self.services)
         except MailGateError as e:
             log.error("reload refused, keeping the running config: %s", e)
@@ -173,8 +178,9 @@ class Gateway:
         old = self.factory.runtime
         self.factory.runtime = runtime
         self.config = new
+        self.source = source
         if hasattr(self.queue, "reload"):
-            self.queue.reload()
+            self.queue.reload(source)
         else:
             self.queue.settings = new.queue
             self.queue.deliverer.routes = new.routes
@@ -263,10 +269,10 @@ def client_tls():
     return ssl.CertificateOptions(verify=False)
 
 
-def run(config, config_path: Optional[str]) -> int:
+def run(config, config_path: Optional[str], source: Optional[bytes] = None) -> int:
     reactor = install_reactor()
     setup_logging(config.log.level)
-    gateway = Gateway(config, config_path, reactor)
+    gateway = Gateway(config, config_path, reactor, source)
     gateway.exit_code = 0
     gateway.start()  # raises MailGateError for a config it cannot use
     reactor.run()

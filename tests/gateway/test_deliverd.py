@@ -67,3 +67,20 @@ def test_sighup_reaches_the_delivery_process(mailgate, sink):
     assert wait_until(lambda: "reloaded config" in gw.log())
     assert gw.cli("queue", "flush").returncode == 0
     assert sink.wait_for(1, timeout=20)
+
+
+def test_a_replaced_delivery_process_runs_the_accepted_config_not_a_broken_file(mailgate):
+    port = free_port()
+    gw = mailgate(downstream_port=port)
+    assert wait_until(lambda: len(children(gw.proc.pid)) == 1)
+    [child] = children(gw.proc.pid)
+    running = gw.queue_dir() / "config.running.toml"
+    assert running.read_bytes() == gw.config_path.read_bytes()
+    assert os.stat(running).st_mode & 0o077 == 0  # may hold passwords
+    gw.config_path.write_text("[server\nthis is not TOML")  # an edit in progress
+    os.kill(child, signal.SIGKILL)
+    assert wait_until(lambda: children(gw.proc.pid) and children(gw.proc.pid) != [child])
+    with Sink(port=port) as back:
+        assert send(gw) == {}
+        assert back.wait_for(1, timeout=20)
+    assert gw.log().count("delivery process ended") == 1  # started once more, not in a loop
