@@ -261,13 +261,15 @@ _MIME_SCAN_KEYS = {
 
 
 def _check_for_mime(ctx, args):
+    if args[0] == "mime_faraway_charset":
+        return _mime_faraway_charset(ctx)
     if args[0] in _MIME_SCAN_KEYS:
         return 1 if _MIME_SCAN_KEYS[args[0]](ctx.view.mime_scan) else 0
     return _MIME_KEYS[args[0]](ctx.view.mime_stats)
 
 
 def _mime_key_check(args):
-    if args and (args[0] in _MIME_KEYS or args[0] in _MIME_SCAN_KEYS):
+    if args and (args[0] in _MIME_KEYS or args[0] in _MIME_SCAN_KEYS or args[0] == "mime_faraway_charset"):
         return None
     return f"check_for_mime('{args[0] if args else ''}') not implemented"
 
@@ -1148,6 +1150,101 @@ def _uri_host_listed(ctx, args):
     # WLBLEval::check_uri_host_listed
     return 1 if args[0] in _uri_hosts_enlisted(ctx) else 0
 
+
+# --- charsets far from the site's ok_locales (Locales.pm) ----------------------------
+
+_CYRILLIC = "KOI8R KOI8U KOI8T ISOIR111 CP1251 GEORGIANPS CP1251 PT154 CP866"
+_CHARSETS_FOR_LOCALE = {
+    "ja": "EUCJP JISX020119760 JISX020819830 JISX020819900 JISX020819970 JISX021219900 JISX021320001 "
+          "JISX021320002 SHIFT_JIS SHIFTJIS ISO2022JP SJIS JIS7 JISX0201 JISX0208 JISX0212",
+    "ko": "EUCKR KSC56011987",
+    "ru": _CYRILLIC, "ka": _CYRILLIC, "tg": _CYRILLIC, "be": _CYRILLIC, "uk": _CYRILLIC, "bg": _CYRILLIC,
+    "th": "TIS620",
+    "zh": "GB1988 GB2312 GB231219800 GB18030 GBK BIG5HKSCS BIG5 EUCTW ISO2022CN",
+}
+_UNIVERSAL_CHARSET = re.compile(r"USASCII$|ASCII$|ISO8859|ISO10646|UTF|UCS|CP125|WINDOWS|IBM852$|UNICODE11UTF[78]|"
+                                r"XUNKNOWN$|ISO$")
+
+
+def charset_ok_for_locales(charset: str, locales: list[str]) -> bool:
+    """Locales::is_charset_ok_for_locales."""
+    cs = re.sub(r"[^A-Z0-9]", "", charset.upper())
+    cs = re.sub(r"^3D", "", cs)  # broken by quoted-printable
+    if _UNIVERSAL_CHARSET.match(cs):
+        return True
+    for locale in locales:
+        locale = "en" if not locale or locale == "C" else locale
+        ok = _CHARSETS_FOR_LOCALE.get(re.sub(r"^([a-z][a-z]).*$", r"\1", locale, flags=re.S))
+        if ok is not None and cs in ok.split(" "):
+            return True
+    return False
+
+
+def _far_locales(ctx) -> Optional[list[str]]:
+    """The ok_locales setting, None when it is "all" (the default: nothing is far away).
+    SpamAssassin also adds the process's LANG; a gateway's environment says
+    nothing about its users, so only the setting counts here."""
+    locales = ctx.lists.get("ok_locales") or ["all"]
+    return None if "all" in locales else locales
+
+
+def _charset_of_ct(value: bytes) -> Optional[str]:
+    # MIMEEval::get_charset_from_ct_line
+    for rx in (rb'charset="([^"]+)"', rb"charset='([^']+)'", rb"charset=(\S+)"):
+        m = re.search(rx, value, re.I)
+        if m:
+            return m.group(1).decode("latin-1")
+    return None
+
+
+def _faraway_charset(ctx, args):
+    # MIMEEval::check_for_faraway_charset: the message's charset is far away and most of the body is 8-bit
+    locales = _far_locales(ctx)
+    ctype = _get(ctx, "Content-Type")
+    if locales is None or not ctype:
+        return 0
+    charset = _charset_of_ct(ctype)
+    if charset is None or charset_ok_for_locales(charset, locales):
+        return 0
+    body = b"\n".join(ctx.view.paragraphs)
+    high = len(body) - len(body.translate(None, bytes(range(0x80, 0x100))))
+    return 1 if len(body) - high <= high and high > 3 else 0  # are_more_high_bits_set
+
+
+def _faraway_charset_in_headers(ctx, args):
+    # HeaderEval::check_for_faraway_charset_in_headers: an encoded word of From or Subject
+    locales = _far_locales(ctx)
+    if locales is None:
+        return 0
+    for name in ("From", "Subject"):
+        for value in ctx.view.header_values(name, raw=True):
+            for charset in re.findall(r"=\?(.+?)\?.\?.*?\?=", value):
+                if not charset_ok_for_locales(charset, locales):
+                    return 1
+    return 0
+
+
+def _mime_faraway_charset(ctx) -> int:
+    # MIMEEval::_check_mime_header's mime_faraway_charset: any part's charset
+    locales = _far_locales(ctx)
+    if locales is None:
+        return 0
+    return 1 if any(not charset_ok_for_locales(c, locales) for c in ctx.view.mime_scan["html_charsets"]) else 0
+
+
+def _html_charset_faraway(ctx, args):
+    # HTMLEval::html_charset_faraway: an HTML part whose <meta> charsets are mostly far away
+    locales = _far_locales(ctx)
+    r = ctx.view.html
+    if locales is None or r is None:
+        return 0
+    for st in r.part_stats:
+        charsets = [c for meta in st["charsets"] for c in meta.split()]
+        bad = sum(1 for c in charsets if not charset_ok_for_locales(c, locales))
+        if bad and bad >= len(charsets) - bad:
+            return 1
+    return 0
+
 _H = ("header",)
 _B = ("body", "rawbody", "full")
 EVALS: dict[str, Eval] = {
@@ -1218,6 +1315,9 @@ EVALS: dict[str, Eval] = {
     "multipart_alternative_difference": Eval(_B, _mpart_alt_diff, _two_numbers_or_undef),
     "multipart_alternative_difference_count": Eval(_B, _mpart_alt_diff_count, _range2_check),
     "check_blank_line_ratio": Eval(_B, _blank_line_ratio, _range2_check),
+    "check_for_faraway_charset": Eval(_B, _faraway_charset),
+    "check_for_faraway_charset_in_headers": Eval(_H, _faraway_charset_in_headers),
+    "html_charset_faraway": Eval(_B, _html_charset_faraway),
     "check_uri_host_listed": Eval(_H + _B, _uri_host_listed, lambda a: None if a and a[0] else "needs a list name"),
     "check_uri_host_in_blocklist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("BLOCK",))),
     "check_uri_host_in_blacklist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("BLOCK",))),

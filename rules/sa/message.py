@@ -77,6 +77,7 @@ _SA_OK_ATTRS = {
 _ASCII_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 _FONT_FACE_OK = re.compile(r"^\s*[\"'.]?[a-z ][a-z -]*[a-z]\d?[\"']?(?:,\s*[\"']?[a-z][a-z -]*[a-z]\d?[\"']?)*;?$",
                            re.I)
+_META_CHARSET = re.compile(r"""\bcharset\s*=\s*["']?([^"']+)""", re.I)
 _DEFAULT_STYLE = ("default", "#000000", "#ffffff")
 _LEADING_INT = re.compile(r"\s*\d")
 _CSS_COLOR = re.compile(r"^\s*(background-)?color:\s*(.+?)\s*$", re.I | re.S)
@@ -251,7 +252,7 @@ class HtmlRender(HTMLParser):
     @staticmethod
     def _new_stats() -> dict:
         return {"tags": 0, "obfuscation": 0, "titles": [], "iframe_src": False, "font_low_contrast": False,
-                "font_invalid_color": False, "font_face_bad": False}
+                "font_invalid_color": False, "font_face_bad": False, "charsets": []}
 
     def end_part(self, text_start: int, img_before: int) -> None:
         """Close the statistics of one HTML part (HTML.pm results are per part)."""
@@ -367,6 +368,10 @@ class HtmlRender(HTMLParser):
             self._stats["font_face_bad"] = True
         elif tag == "title":
             self._stats["titles"].append("")
+        elif tag == "meta" and "content" in attrs and re.search("Content-Type", attrs.get("http-equiv", ""), re.I):
+            m = _META_CHARSET.search(attrs["content"])
+            if m:
+                self._stats["charsets"].append(m.group(1))
 
     def _sa_text(self, data: str) -> None:
         # HTML.pm html_text: titles, invisible text, words split by tags

@@ -58,7 +58,7 @@ KINDS = REGEX_KINDS + ("meta",)
 _IGNORED = {
     "lang", "priority", "reuse", "test", "report", "unsafe_report", "clear_report_template",
     "clear_unsafe_report_template", "report_contact", "report_safe", "add_header", "remove_header",
-    "clear_headers", "required_score", "rewrite_header", "ok_locales", "ok_languages",
+    "clear_headers", "required_score", "rewrite_header", "ok_languages",
     "loadplugin", "tryplugin", "require_version", "version_tag", "dns_local_ports_avoid",
     "clear_originating_ip_headers", "originating_ip_headers", "bayes_ignore_header",
     "util_rb_tld", "util_rb_2tld", "util_rb_3tld", "clear_util_rb", "freemail_domains",
@@ -303,6 +303,8 @@ class Parser:
             if m:
                 rs.lists.setdefault("list:" + m.group(1).lower(), []).extend(
                     a.lower() for a in m.group(2).split())
+        elif word == "ok_locales":
+            rs.lists["ok_locales"] = rest.split()  # a setting: the last line wins
         elif word in _URI_HOST_LISTS:
             self.uri_host_list(word, rest, where)
         elif word in _IGNORED or _BAYES_STOPWORDS.match(word) or word.startswith(("replace_", "report_")):

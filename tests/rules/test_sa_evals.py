@@ -429,3 +429,60 @@ def test_uri_host_in_blocklist_and_welcomelist():
     assert int(run(EvalContext(bad, lists=lists), ("check_uri_host_in_welcomelist", ()))) == 0
     assert int(run(EvalContext(friendly, lists=lists), ("check_uri_host_in_welcomelist", ()))) == 1
     assert int(run(EvalContext(friendly, lists={}), ("check_uri_host_in_welcomelist", ()))) == 0
+
+
+# --- charsets far from ok_locales (Locales.pm) --------------------------------------------
+
+from rules.sa.evals import charset_ok_for_locales  # noqa: E402
+
+
+@pytest.mark.parametrize("charset,locales,ok", [
+    ("us-ascii", ["en"], True), ("ISO-8859-5", ["en"], True), ("utf-8", ["en"], True),
+    ("windows-1251", ["en"], True), ("koi8-r", ["en"], False), ("koi8-r", ["ru"], True),
+    ("big5", ["en", "zh_TW"], True), ("euc-kr", ["ja"], False), ("3Dkoi8-r", ["ru"], True),
+])
+def test_charset_ok_for_locales(charset, locales, ok):
+    assert charset_ok_for_locales(charset, locales) is ok
+
+
+def _ctx(view, locales=None):
+    return EvalContext(view, lists={"ok_locales": locales} if locales else {})
+
+
+def test_faraway_charset_needs_ok_locales_and_mostly_8bit_text():
+    body = "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440\n"
+    raw = ("From: a@example.org\r\nSubject: x\r\nContent-Type: text/plain; charset=koi8-r\r\n\r\n").encode() \
+        + body.encode("koi8-r")
+    cyrillic = MessageView(raw)
+    assert int(run(_ctx(cyrillic, ["en"]), ("check_for_faraway_charset", ()))) == 1
+    assert int(run(_ctx(cyrillic, ["en", "ru"]), ("check_for_faraway_charset", ()))) == 0
+    assert int(run(_ctx(cyrillic), ("check_for_faraway_charset", ()))) == 0  # ok_locales all (the default)
+    ascii_koi = _msg("From: a@example.org\nContent-Type: text/plain; charset=koi8-r", "plain ascii words here\n")
+    assert int(run(_ctx(ascii_koi, ["en"]), ("check_for_faraway_charset", ()))) == 0
+
+
+def test_faraway_charset_in_headers():
+    view = _msg("From: a@example.org\nSubject: =?koi8-r?B?8NLJ18XU?=")
+    assert int(run(_ctx(view, ["en"]), ("check_for_faraway_charset_in_headers", ()))) == 1
+    assert int(run(_ctx(view, ["ru"]), ("check_for_faraway_charset_in_headers", ()))) == 0
+    assert int(run(_ctx(view), ("check_for_faraway_charset_in_headers", ()))) == 0
+    plain = _msg("From: a@example.org\nSubject: =?utf-8?q?caf=C3=A9?=")
+    assert int(run(_ctx(plain, ["en"]), ("check_for_faraway_charset_in_headers", ()))) == 0
+
+
+def test_mime_faraway_charset():
+    view = _multipart([("Content-Type: text/plain; charset=euc-kr", "x")], "multipart/mixed")
+    assert int(run(_ctx(view, ["en"]), ("check_for_mime", ("mime_faraway_charset",)))) == 1
+    assert int(run(_ctx(view, ["ko"]), ("check_for_mime", ("mime_faraway_charset",)))) == 0
+
+
+def test_html_charset_faraway():
+    far = _html('<meta http-equiv="Content-Type" content="text/html; charset=big5"><p>x</p>')
+    near = _html('<meta http-equiv="Content-Type" content="text/html; charset=iso-8859-1"><p>x</p>')
+    assert int(run(_ctx(far, ["en"]), ("html_charset_faraway", ()))) == 1
+    assert int(run(_ctx(far, ["zh"]), ("html_charset_faraway", ()))) == 0
+    assert int(run(_ctx(near, ["en"]), ("html_charset_faraway", ()))) == 0
+
+
+def test_ok_locales_setting_is_read():
+    assert _uri_lists("ok_locales en ru\n")["ok_locales"] == ["en", "ru"]
