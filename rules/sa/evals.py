@@ -31,8 +31,22 @@ class EvalContext:
 
 def address_matches(address: str, patterns) -> bool:
     """SpamAssassin list syntax: globs (``*@example.com``, ``?``) on the address."""
-    a = address.lower()
-    return any(fnmatch.fnmatchcase(a, p) for p in patterns)
+    return _globs(patterns).match(address.lower()) is not None
+
+
+_GLOBS: dict[tuple, re.Pattern] = {}
+
+
+def _globs(patterns) -> re.Pattern:
+    """One regex for a whole list of globs, built once per distinct list (the
+    gateway hands the lists over anew with each message)."""
+    key = tuple(patterns)
+    rx = _GLOBS.get(key)
+    if rx is None:
+        if len(_GLOBS) > 64:  # lists change only on a reload
+            _GLOBS.clear()
+        rx = _GLOBS[key] = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in key) or "(?!)")
+    return rx
 
 
 def parse_call(text: str) -> tuple[str, tuple]:
@@ -519,6 +533,10 @@ def _subject_all_caps(ctx, args):
     return 1 if letters and letters == letters.upper() else 0
 
 
+_LOWER_DIGITS = b"abcdefghijklmnopqrstuvwxyz0123456789"
+_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def _uppercase(ctx, args):
     """Share of upper-case letters in the body, in percent (SpamAssassin's counting)."""
     if "uppercase" not in ctx.cache:
@@ -527,8 +545,8 @@ def _uppercase(ctx, args):
             if not re.search(rb"\S\s+\S", para) or re.match(rb"(?:[A-Za-z0-9+/=]{60,76} ){2}", para):
                 continue
             length += len(para)
-            lower += sum(1 for b in para if 0x61 <= b <= 0x7a or 0x30 <= b <= 0x39)
-            upper += sum(1 for b in para if 0x41 <= b <= 0x5a)
+            lower += len(para) - len(para.translate(None, _LOWER_DIGITS))  # tr/a-z0-9//
+            upper += len(para) - len(para.translate(None, _UPPER))  # tr/A-Z//
         ctx.cache["uppercase"] = 0.0 if length < 200 or not (lower + upper) else 100.0 * upper / (lower + upper)
     value = ctx.cache["uppercase"]
     return 1 if float(args[0]) < value <= float(args[1]) else 0
@@ -1092,20 +1110,25 @@ def _vertical_words(ctx, args):
 
 # --- WLBLEval: URI host lists ------------------------------------------------------
 
-_URI_HOST_TABLES: dict[int, tuple] = {}
+_URI_HOST_TABLES: dict[tuple, dict[str, bool]] = {}
 
 
 def _uri_host_table(entries: list[str]) -> dict[str, bool]:
     """host -> listed (False for a "!host" exception), the last entry on a host winning;
-    built once per loaded list (the list object is kept so its id stays its own)."""
-    cached = _URI_HOST_TABLES.get(id(entries))
-    if cached is not None and cached[0] is entries and cached[1] == len(entries):
-        return cached[2]
-    table = {}
-    for e in entries:
-        table[e.lstrip("!")] = not e.startswith("!")
-    _URI_HOST_TABLES[id(entries)] = (entries, len(entries), table)
+    built once per distinct list."""
+    key = tuple(entries)
+    table = _URI_HOST_TABLES.get(key)
+    if table is None:
+        if len(_URI_HOST_TABLES) > 64:  # lists change only on a reload
+            _URI_HOST_TABLES.clear()
+        table = _URI_HOST_TABLES[key] = {}
+        for e in key:
+            table[e.lstrip("!")] = not e.startswith("!")
     return table
+
+
+# scheme and authority as uris.host_of splits them
+_URI_AUTHORITY = re.compile(r"\s*[a-z][a-z0-9+.-]*:/*([^/?#\\]*)", re.I)
 
 
 def _uri_hosts_enlisted(ctx) -> dict[str, str]:
@@ -1121,9 +1144,16 @@ def _uri_hosts_enlisted(ctx) -> dict[str, str]:
 
     tables = {n: _uri_host_table(ctx.lists["uri_host:" + n]) for n in names}
     seen = set()
+    authorities = set()
     for uri in ctx.view.uris:
         if uri[:7].lower() == "mailto:":
             continue
+        # host_of reads only the authority: parse each distinct one once
+        m = _URI_AUTHORITY.match(uri)
+        if m:
+            if m.group(1) in authorities:
+                continue
+            authorities.add(m.group(1))
         host = (uri_mod.host_of(uri) or "").lower()
         if not host or host in seen:
             continue

@@ -673,12 +673,8 @@ class MessageView:
         return len(self._by_name.get(name.lower(), []))
 
     def addresses(self, *names: str) -> list[str]:
-        out = []
-        for n in names:
-            for _, a in email.utils.getaddresses(self.header_values(n)):
-                if a:
-                    out.append(a.lower())
-        return out
+        """The addresses of these headers, lower-case (for the welcome/block lists)."""
+        return [a.decode("utf-8", "surrogateescape").lower() for n in names for a in self.header_addresses(n)]
 
     @cached_property
     def mime_headers(self) -> list[list[tuple[str, str]]]:
@@ -944,13 +940,18 @@ class MessageView:
         flags = set()
         if not self.has_header_body_separator:
             flags.add("missing_head_body_separator")
-        total = 0
-        for k, v in self._headers:
-            value_len = len(v.replace("\r\n", "\n")) + 2  # the space after the colon and the newline
-            total += len(k) + value_len
-            # MAX_HEADER_KEY_LENGTH, MAX_HEADER_VALUE_LENGTH, MAX_HEADER_LENGTH
-            if len(k) > 256 or value_len > 8192 or total > 65536:
+        # MAX_HEADER_KEY_LENGTH, MAX_HEADER_VALUE_LENGTH, MAX_HEADER_LENGTH; a header
+        # section shorter than 8 KB can only break the first
+        if len(self.raw) - self.body_length < 8192:
+            if any(len(k) > 256 for k, _ in self._headers):
                 flags.add("truncated_header")
+        else:
+            total = 0
+            for k, v in self._headers:
+                value_len = len(v.replace("\r\n", "\n")) + 2  # the space after the colon and the newline
+                total += len(k) + value_len
+                if len(k) > 256 or value_len > 8192 or total > 65536:
+                    flags.add("truncated_header")
         for n, part in enumerate(self.parsed.walk()):
             if part.is_multipart():
                 if part.epilogue and re.search(r"[^\s.]", part.epilogue):
