@@ -12,13 +12,13 @@ subclasses), for correctness and for cost:
   marker separately; ours collects them and writes once (or every 256 KB).
   A scan runs in a pool thread of the gateway process, and every blocking
   socket call lets go of the GIL and has to win it back from the busy
-  reactor thread (up to the 5 ms switch interval each time), so the number
-  of socket calls per scan, not their cost, is what limits how many scans
-  the pool can finish per second;
+  reactor thread: fewer calls mean fewer hand-offs, context switches and
+  clamd wake-ups per message;
 * for the same reason it is in blocking mode with kernel send/receive
   timeouts (SO_SNDTIMEO/SO_RCVTIMEO) instead of a Python timeout, which would
   put a poll() before every call; a kernel timeout is raised as
-  ``socket.timeout`` just like a Python one;
+  ``socket.timeout`` just like a Python one.  (Together: 223 -> 164 system
+  calls and 117 -> 71 futex calls per 5 KB scan, gateway and clamd counted.)
 * pyclamd's TCP client is IPv4 only.
 """
 
@@ -48,7 +48,7 @@ class _ClamdSocket(socket.socket):
         self.connect(address)
         self.settimeout(None)
         sec = int(timeout)
-        timeval = struct.pack("@ll", sec, int((timeout - sec) * 1e6))
+        timeval = struct.pack("@ll", sec, int((timeout - sec) * 1e6))  # struct timeval (Linux, BSD)
         self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self._pending: list[bytes] = []
