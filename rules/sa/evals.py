@@ -940,15 +940,79 @@ def _to_in_subject(ctx, args):
     return 0
 
 
-def _parse_rfc822_date(text: bytes) -> float:
-    """Seconds since the epoch, 0 when unreadable (Util::parse_rfc822_date)."""
-    import email.utils
+_TZ = {
+    "UT": "+0000", "UTC": "+0000", "NDT": "-0230", "AST": "-0400", "ADT": "-0300", "NST": "-0330", "EST": "-0500",
+    "EDT": "-0400", "CST": "-0600", "CDT": "-0500", "MST": "-0700", "MDT": "-0600", "PST": "-0800", "PDT": "-0700",
+    "HST": "-1000", "AKST": "-0900", "AKDT": "-0800", "HADT": "-0900", "HAST": "-1000", "GMT": "+0000",
+    "BST": "+0100", "IST": "+0100", "WET": "+0000", "WEST": "+0100", "CET": "+0100", "CEST": "+0200",
+    "EET": "+0200", "EEST": "+0300", "MSK": "+0300", "MSD": "+0400", "MET": "+0100", "MEZ": "+0100",
+    "MEST": "+0200", "MESZ": "+0200", "BRST": "-0200", "BRT": "-0300", "AEST": "+1000", "AEDT": "+1100",
+    "ACST": "+0930", "ACDT": "+1030", "AWST": "+0800", "NZST": "+1200", "NZDT": "+1300", "JST": "+0900",
+    "KST": "+0900", "HKT": "+0800", "SGT": "+0800", "PHT": "+0800", "IDT": "+0300",
+}
+_MONTHS = "jan feb mar apr may jun jul aug sep oct nov dec".split()
+_MON = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 
+
+def parse_rfc822_date(text: str) -> Optional[int]:
+    """Util::parse_rfc822_date: the first date found anywhere in the text, in
+    seconds since the epoch; None when there is none."""
+    import calendar
+
+    s = re.sub(r"\s+", " ", re.sub(r", *", " ", f" {text} "))
+    m = re.search(rf" (\d+) {_MON} (\d{{4}}) ", s, re.I)
+    if m:
+        dd, mon, yyyy = m.group(1), m.group(2), m.group(3)
+    else:
+        m = re.search(rf" {_MON} +(\d+) \d+:\d+:\d+ (\d{{4}}) ", s, re.I)
+        if m:
+            mon, dd, yyyy = m.group(1), m.group(2), m.group(3)
+        else:
+            m = re.search(rf" (\d+) {_MON} (\d{{2,3}}) ", s, re.I)
+            if not m:
+                return None
+            dd, mon, yyyy = m.group(1), m.group(2), m.group(3)
+    s = s[:m.start()] + " " + s[m.end():]
+    year = int(yyyy)
+    if len(yyyy) == 2 and year < 50:
+        year += 2000
+    elif len(yyyy) != 4:
+        year += 1900
+    hh = mm = ss = 0
+    m = re.search(r" (\d?\d):(\d\d)(:(\d\d))? ", s)
+    if m:
+        hh, mm, ss = int(m.group(1)), int(m.group(2)), int(m.group(4) or 0)
+        s = s[:m.start()] + " " + s[m.end():]
+    tzoff = "-0000"
+    m = re.search(r" ([-+]\d{4}) ", s)
+    if m:
+        tzoff = m.group(1)
+    else:
+        m = re.search(r"\b([A-Z]{2,4}(?:-DST)?)\b", s)
+        if m and m.group(1) in _TZ:
+            tzoff = _TZ[m.group(1)]
+    month, day = _MONTHS.index(mon.lower()) + 1, int(dd)
+    ss, mm, hh = min(ss, 59), min(mm, 59), min(hh, 23)
+    max_dd = 30 if month in (4, 6, 9, 11) else (29 if calendar.isleap(year) else 28) if month == 2 else 31
+    if day > max_dd:
+        day, month = 1, month + 1
+        if month > 12:
+            month, year = 1, year + 1
+    year = min(max(year, 1970), 2037)
     try:
-        parsed = email.utils.parsedate_tz(text.decode("latin-1").strip())
-        return float(email.utils.mktime_tz(parsed)) if parsed else 0.0
-    except (TypeError, ValueError, OverflowError, IndexError):
-        return 0.0
+        when = calendar.timegm((year, month, day, hh, mm, ss, 0, 0, 0))
+    except (ValueError, OverflowError):
+        return None
+    m = re.search(r"([-+])(\d\d)(\d\d)$", tzoff)
+    if m:
+        off = (int(m.group(2)) * 60 + int(m.group(3))) * 60
+        if m.group(1) == "-":
+            when += off
+        elif when < off:
+            when = 0
+        else:
+            when -= off
+    return when
 
 
 def _sa_message_id(ctx) -> bytes:
@@ -969,11 +1033,12 @@ def _outlook_message_id(ctx, args):
         return 0
     timetoken = int(m.group(1), 16)
     x, y, fudge = 0.0023283064365387, 27111902.8329849, 250
-    expected = int(_parse_rfc822_date(_get(ctx, "Date")) * x + y)
+    expected = int((parse_rfc822_date(_get(ctx, "Date").decode("latin-1")) or 0) * x + y)
     if abs(timetoken - expected) < fudge:
         return 0
-    m = re.search(rb"(\s.?\d+ \S\S\S \d+ \d+:\d+:\d+ \S+).*?$", _get(ctx, "Received"))
-    expected = int((_parse_rfc822_date(m.group(1)) if m else 0) * x + y)
+    # SpamAssassin matches a date pattern here but then parses the whole of the
+    # Received headers, which finds the first (newest) hop's date
+    expected = int((parse_rfc822_date(_get(ctx, "Received").decode("latin-1")) or 0) * x + y)
     return 1 if abs(timetoken - expected) >= fudge else 0
 
 

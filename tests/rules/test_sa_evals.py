@@ -486,3 +486,23 @@ def test_html_charset_faraway():
 
 def test_ok_locales_setting_is_read():
     assert _uri_lists("ok_locales en ru\n")["ok_locales"] == ["en", "ru"]
+
+
+from rules.sa.evals import parse_rfc822_date  # noqa: E402
+
+
+@pytest.mark.parametrize("text,when", [
+    ("Sat, 28 Nov 2026 10:00:00 +0100", "2026-11-28 09:00:00"),
+    ("28 Nov 2026 10:00:00 EST", "2026-11-28 15:00:00"),
+    ("from a.example by b.example with SMTP id x; Sat, 28 Nov 2026 10:00:00 -0000\n"
+     "from c by d; Fri, 27 Nov 2026 08:00:00 -0000", "2026-11-28 10:00:00"),  # the first date found
+    ("Thu Nov 26 13:44:25 2026", "2026-11-26 00:00:00"),  # SA consumes the time with this form
+    ("31 Feb 2026 10:00:00 +0000", "2026-03-01 10:00:00"),  # a day past the month's end rolls over
+    ("no date here", None),
+])
+def test_parse_rfc822_date_like_spamassassin(text, when):
+    import calendar
+    import time as _time
+
+    expected = None if when is None else calendar.timegm(_time.strptime(when, "%Y-%m-%d %H:%M:%S"))
+    assert parse_rfc822_date(text) == expected
