@@ -120,6 +120,23 @@ level = "warning"
         self.log.close()
 
 
+def _one_run(gw: Gateway, sink_port: int, sessions: int, messages: int) -> tuple[float, float, float]:
+    """(direct, accepted, delivered) messages per second."""
+    direct = smtp_source(sink_port, sessions, messages)
+    t0 = time.monotonic()
+    accepted = smtp_source(gw.port, sessions, messages)
+    while not queue_empty(gw.queue):
+        time.sleep(0.05)
+    delivered = time.monotonic() - t0
+    return messages / direct, messages / accepted, messages / delivered
+
+
+def _warm(gw: Gateway) -> None:
+    smtp_source(gw.port, 10, 200)  # imports, caches, page cache
+    while not queue_empty(gw.queue):
+        time.sleep(0.1)
+
+
 def run_relay(sink_port: int, dns: str, workdir: Path, sessions: list[int], messages: int, label: str,
               extra: str = "", repeat: int = 3) -> list[tuple]:
     """Median of ``repeat`` runs per concurrency: single runs on a shared
@@ -127,24 +144,45 @@ def run_relay(sink_port: int, dns: str, workdir: Path, sessions: list[int], mess
     rows = []
     gw = Gateway(workdir, sink_port, dns, extra)
     try:
-        smtp_source(gw.port, 10, 200)  # warm up: imports, caches, page cache
-        while not queue_empty(gw.queue):
-            time.sleep(0.1)
+        _warm(gw)
         for s in sessions:
-            runs = []
-            for _ in range(repeat):
-                direct = smtp_source(sink_port, s, messages)
-                t0 = time.monotonic()
-                accepted = smtp_source(gw.port, s, messages)
-                while not queue_empty(gw.queue):
-                    time.sleep(0.05)
-                delivered = time.monotonic() - t0
-                runs.append((messages / direct, messages / accepted, messages / delivered))
+            runs = [_one_run(gw, sink_port, s, messages) for _ in range(repeat)]
             med = [statistics.median(r[i] for r in runs) for i in range(3)]
             rows.append((label, s, *med, peak_rss_mb(gw.proc.pid)))
     finally:
         gw.stop()
     return rows
+
+
+def run_paired(sink_port: int, dns: str, workdir: Path, sessions: list[int], messages: int,
+               base: tuple[str, str], other: tuple[str, str], repeat: int = 3) -> tuple[list[tuple], dict]:
+    """Two gateways up at once (an idle one costs nothing), runs alternated
+    (A B, B A, ...): ``other``'s share of ``base``'s delivered throughput is
+    the median of neighbouring pairs, so a machine whose speed drifts by
+    20 % between minutes does not decide the ratio."""
+    gws = {label: Gateway(workdir / label.replace(" ", "_").replace("+", ""), sink_port, dns, extra)
+           for label, extra in (base, other)}
+    rows, ratios = [], {}
+    try:
+        for gw in gws.values():
+            _warm(gw)
+        for s in sessions:
+            runs: dict[str, list] = {base[0]: [], other[0]: []}
+            pair_ratios = []
+            for i in range(repeat):
+                order = (base[0], other[0]) if i % 2 == 0 else (other[0], base[0])
+                got = {label: _one_run(gws[label], sink_port, s, messages) for label in order}
+                for label, r in got.items():
+                    runs[label].append(r)
+                pair_ratios.append(got[other[0]][2] / got[base[0]][2])
+            for label, rs in runs.items():
+                med = [statistics.median(r[k] for r in rs) for k in range(3)]
+                rows.append((label, s, *med, peak_rss_mb(gws[label].proc.pid)))
+            ratios[s] = (statistics.median(pair_ratios), pair_ratios)
+    finally:
+        for gw in gws.values():
+            gw.stop()
+    return rows, ratios
 
 
 def print_rows(rows) -> None:
@@ -177,27 +215,26 @@ def main(argv=None) -> int:
         wait_port(sink_port)
         print(f"# smtp-source -l 5120 -m {args.messages}, median of {args.repeat} runs per row; gateway with its "
               f"default checks (no Bayes model, no virus scanner configured)")
-        rows += run_relay(sink_port, dns.nameserver, tmp / "default", sessions, args.messages, "default checks",
-                          repeat=args.repeat)
         rows += run_relay(sink_port, dns.nameserver, tmp / "bare", sessions, args.messages, "relay only",
                           extra='[checks]\ndisabled = ["' + '", "'.join(_all_checks()) + '"]\n', repeat=args.repeat)
-        # clamd on vs off: our Received header makes every message unique, so
-        # clamd's cache of clean results does not flatter the figure.  clamd's
-        # TemporaryDirectory is on tmpfs when there is one, as sites run it.
+        # clamd on vs off, measured in alternation: our Received header makes
+        # every message unique, so clamd's cache of clean results does not
+        # flatter the figure.  clamd's TemporaryDirectory is on tmpfs when
+        # there is one, as sites run it.
         from tools.bench_av import clamd_temp_note, scanner_toml, start_bench_clamd
 
         socket_path, stop_clamd = start_bench_clamd(str(tmp))
         try:
-            rows += run_relay(sink_port, dns.nameserver, tmp / "clamd", sessions, args.messages,
-                              "default + clamd", extra=scanner_toml(socket_path), repeat=args.repeat)
+            paired, ratios = run_paired(sink_port, dns.nameserver, tmp, sessions, args.messages,
+                                        ("default checks", ""), ("default + clamd", scanner_toml(socket_path)),
+                                        repeat=args.repeat)
+            rows = paired + rows
         finally:
             stop_clamd()
         print_rows(rows)
-        by = {(r[0], r[1]): r for r in rows}
-        for s in sessions:
-            on, off = by.get(("default + clamd", s)), by.get(("default checks", s))
-            if on and off:
-                print(f"clamd on/off at {s} sessions: {on[4] / off[4]:.2f} of the delivered throughput")
+        for s, (ratio, pairs) in ratios.items():
+            print(f"clamd on/off at {s} sessions: {ratio:.2f} of the delivered throughput "
+                  f"(median of alternated pairs: {', '.join(f'{r:.2f}' for r in pairs)})")
         print(clamd_temp_note())
     finally:
         dns.stop(final=True)
