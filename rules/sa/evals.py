@@ -940,6 +940,10 @@ def _to_in_subject(ctx, args):
     return 0
 
 
+def _to_in_subject_check(args):
+    return None if args and args[0] in ("address", "user") else "needs 'address' or 'user'"
+
+
 _TZ = {
     "UT": "+0000", "UTC": "+0000", "NDT": "-0230", "AST": "-0400", "ADT": "-0300", "NST": "-0330", "EST": "-0500",
     "EDT": "-0400", "CST": "-0600", "CDT": "-0500", "MST": "-0700", "MDT": "-0600", "PST": "-0800", "PDT": "-0700",
@@ -1395,8 +1399,7 @@ EVALS: dict[str, Eval] = {
     "check_for_matching_env_and_hdr_from": Eval(_H, _env_and_hdr_from_match),
     "sorted_recipients": Eval(_H, _sorted_recipients),
     "similar_recipients": Eval(_H, _similar_recipients, _undef_range_check),
-    "check_for_to_in_subject": Eval(_H, _to_in_subject,
-                                    lambda a: None if a and a[0] in ("address", "user") else "needs 'address' or 'user'"),
+    "check_for_to_in_subject": Eval(_H, _to_in_subject, _to_in_subject_check),
     "check_outlook_message_id": Eval(_H, _outlook_message_id),
     "check_unresolved_template": Eval(_H, _unresolved_template),
     "check_ratware_name_id": Eval(_H, _ratware_name_id),

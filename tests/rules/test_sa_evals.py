@@ -323,7 +323,8 @@ def test_html_range_bounds_are_min_exclusive_max_inclusive():
 
 @pytest.mark.parametrize("markup,test,hit", [
     ('<font color="#ffffff">hidden</font>', "font_low_contrast", 1),
-    ('<body bgcolor="#000000"><font color="#000001">x</font></body>', "font_low_contrast", 0),  # HTML.pm ignores bgcolor=
+    # HTML.pm converts a bgcolor= attribute but never applies it
+    ('<body bgcolor="#000000"><font color="#000001">x</font></body>', "font_low_contrast", 0),
     ('<div style="background-color: #000000"><span style="color: #050505">x</span></div>', "font_low_contrast", 1),
     ('<font color="#000080">visible</font>', "font_low_contrast", 0),
     ('<p style="color: red; background: url(x.png) #ff0000">same</p>', "font_low_contrast", 1),
