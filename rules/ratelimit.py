@@ -32,12 +32,21 @@ class _Limit(Check):
     window: float
     key_prefix: str
     symbol: str
+    limit_setting: str  # the [ratelimit] key giving this limit; 0 switches the check off
 
     def __init__(self, store, limit: int, ipv6_prefix: int = 64, lists=None):
         self.store = store
         self.limit = limit
         self.ipv6_prefix = ipv6_prefix
         self.lists = lists
+
+    @classmethod
+    def from_config(cls, config, services):
+        s = config.ratelimit
+        limit = getattr(s, cls.limit_setting)
+        if not limit:
+            return None
+        return cls(store_for(services), limit, s.ipv6_prefix, access_lists(config, services))
 
     async def check(self, txn):
         session = txn.session
@@ -60,13 +69,7 @@ class ConnectionRate(_Limit):
     window = 60.0
     key_prefix = "rate:conn:"
     symbol = "RATE_CONNECTIONS"
-
-    @classmethod
-    def from_config(cls, config, services):
-        s = config.ratelimit
-        if not s.connections_per_minute:
-            return None
-        return cls(store_for(services), s.connections_per_minute, s.ipv6_prefix, access_lists(config, services))
+    limit_setting = "connections_per_minute"
 
 
 class MessageRate(_Limit):
@@ -76,13 +79,7 @@ class MessageRate(_Limit):
     window = 3600.0
     key_prefix = "rate:msg:"
     symbol = "RATE_MESSAGES"
-
-    @classmethod
-    def from_config(cls, config, services):
-        s = config.ratelimit
-        if not s.messages_per_hour:
-            return None
-        return cls(store_for(services), s.messages_per_hour, s.ipv6_prefix, access_lists(config, services))
+    limit_setting = "messages_per_hour"
 
 
 CHECKS = (ConnectionRate, MessageRate)

@@ -143,11 +143,8 @@ def translate(pattern: str) -> str:
                     i += 2
                     continue
                 if e == "x" and i + 2 < n and pattern[i + 2] == "{":
-                    j = pattern.find("}", i + 3)
-                    if j < 0:
-                        raise Unsupported("unterminated \\x{...}")
-                    out.append(_hexchar(int(pattern[i + 3:j] or "0", 16), in_class=True))
-                    i = j + 1
+                    code, i = _braced_code(pattern, i, 16)
+                    out.append(_hexchar(code, in_class=True))
                     continue
                 if e in "pP":
                     prop, i2 = _property(pattern, i + 2)
@@ -215,20 +212,16 @@ def translate(pattern: str) -> str:
                 i += 2
                 continue
             if e == "x" and i + 2 < n and pattern[i + 2] == "{":
-                j = pattern.find("}", i + 3)
-                if j < 0:
-                    raise Unsupported("unterminated \\x{...}")
-                out.append(_hexchar(int(pattern[i + 3:j] or "0", 16)))
-                i = j + 1
+                code, i = _braced_code(pattern, i, 16)
+                out.append(_hexchar(code))
                 continue
             if e == "c" and i + 2 < n:
                 out.append(_hexchar(ord(pattern[i + 2].upper()) ^ 64))
                 i += 3
                 continue
             if e == "o" and i + 2 < n and pattern[i + 2] == "{":
-                j = pattern.find("}", i + 3)
-                out.append(_hexchar(int(pattern[i + 3:j], 8)))
-                i = j + 1
+                code, i = _braced_code(pattern, i, 8)
+                out.append(_hexchar(code))
                 continue
             if e in "pP":
                 prop, i2 = _property(pattern, i + 2)
@@ -343,6 +336,17 @@ def translate(pattern: str) -> str:
     for level in reversed(groups):
         close_scoped(level)
     return "".join(out)
+
+
+def _braced_code(pattern: str, i: int, base: int) -> tuple[int, int]:
+    """``\\x{HH}`` or ``\\o{OOO}`` at ``i`` -> (character code, index after it)."""
+    j = pattern.find("}", i + 3)
+    if j < 0:
+        raise Unsupported(f"unterminated \\{pattern[i + 1]}{{...}}")
+    try:
+        return int(pattern[i + 3:j] or "0", base), j + 1
+    except ValueError:
+        raise Unsupported(f"bad number in \\{pattern[i + 1]}{{{pattern[i + 3:j]}}}") from None
 
 
 def _property(pattern: str, i: int) -> tuple[str, int]:

@@ -12,7 +12,7 @@ from gateway.records import Failed, Session, Transaction
 from gateway.resolver import Resolver
 from rules import helo, lists
 from rules.helo import Helo
-from tests.support.dns import DnsServers, dns_servers, envelope_records  # noqa: F401
+from tests.support.dns import dns_servers, envelope_dns, envelope_records  # noqa: F401 (fixtures)
 
 BASE = {
     "server": {"hostname": "mx.gateway.test", "listen": ["192.0.2.25:25", "0.0.0.0:2525"]},
@@ -21,12 +21,8 @@ BASE = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    servers = DnsServers(tmp_path_factory.mktemp("dns"))
-    try:
-        yield servers.dnsmasq(envelope_records())
-    finally:
-        servers.close()
+def world(envelope_dns):
+    return envelope_dns
 
 
 def build(server, timeout=1.0, lists_section=None, **section):

@@ -48,7 +48,7 @@ def test_translation(perl, flags, text, matches):
 
 
 @pytest.mark.parametrize("perl", [r"a\Kb", r"(?{ code })", r"(?R)", r"(?|a|b)", r"\p{Han}", r"a\Gb",
-                                  r"(?<=a+)b", r"\N{U+263A}"])
+                                  r"(?<=a+)b", r"\N{U+263A}", r"\x{26", r"[\x{zz}]", r"\o{9}", r"\o{17"])
 def test_unsupported_constructs_are_reported(perl):
     with pytest.raises(Unsupported):
         compile_perl(perl)

@@ -12,16 +12,12 @@ from gateway.records import Envelope, Failed, Recipient, Session, Transaction
 from gateway.resolver import Resolver
 from rules import sender
 from rules.sender import NullSenderRecipients, SenderDomain
-from tests.support.dns import DnsServers, dns_servers, envelope_records  # noqa: F401
+from tests.support.dns import dns_servers, envelope_dns, envelope_records  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    servers = DnsServers(tmp_path_factory.mktemp("dns"))
-    try:
-        yield servers.dnsmasq(envelope_records())
-    finally:
-        servers.close()
+def world(envelope_dns):
+    return envelope_dns
 
 
 def build(server, cls=SenderDomain, timeout=1.0, **section):

@@ -440,6 +440,16 @@ def dns_servers(tmp_path):
         servers.close()
 
 
+@pytest.fixture(scope="module")
+def envelope_dns(tmp_path_factory):
+    """One dnsmasq per test module serving ``envelope_records()``."""
+    servers = DnsServers(tmp_path_factory.mktemp("dns"))
+    try:
+        yield servers.dnsmasq(envelope_records())
+    finally:
+        servers.close()
+
+
 # Test data used by several test modules (DNSBL codes as the issue asks:
 # 127.0.0.2, .4, .10 listings and a 127.255.255.254 "query refused" error answer).
 ZEN_IP4SET = """\
