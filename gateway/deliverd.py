@@ -103,7 +103,11 @@ class DeliveryAgent:
         self._tell("FLUSH")
 
     def reload(self, config_source: bytes) -> None:
-        self._write_config(config_source)
+        try:
+            self._write_config(config_source)
+        except OSError as e:
+            log.error("delivery process keeps its config: cannot write %s: %s", self.config_path, e)
+            return
         self._tell("RELOAD")
 
     def stop(self) -> defer.Deferred:

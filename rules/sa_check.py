@@ -211,7 +211,13 @@ class SaRules(Check):
         self.settings = settings
         self.hostname = hostname
         self.run_in_thread = run_in_thread
-        self.lists = {"welcome": list(settings.welcomelist_from), "block": list(settings.blocklist_from)}
+        # the config's welcome/block lists joined to the rule files' lists once:
+        # every message gets the same list objects
+        lists = {k: v for k, v in (("welcome", list(settings.welcomelist_from)),
+                                   ("block", list(settings.blocklist_from))) if v}
+        for k, v in engine.rs.lists.items():
+            lists[k] = lists.get(k, []) + v
+        self.lists = lists
 
     @classmethod
     def from_config(cls, config, services):
@@ -237,10 +243,7 @@ class SaRules(Check):
             relay=relay,
         )
         a, txt = dnsbl_answers(txn)
-        lists = {k: v for k, v in self.lists.items() if v}
-        for k, v in self.engine.rs.lists.items():
-            lists[k] = lists.get(k, []) + v
-        ctx = EvalContext(view, lists=lists, dnsbl=a, dnsbl_txt=txt)
+        ctx = EvalContext(view, lists=self.lists, dnsbl=a, dnsbl_txt=txt)
         hits = self.engine.run(view, ctx)
         txn.state["sa_hits"] = hits
         return [Result(h.name, h.score, h.describe or h.name) for h in hits_report(self.engine, hits)]

@@ -38,8 +38,8 @@ _GLOBS: dict[tuple, re.Pattern] = {}
 
 
 def _globs(patterns) -> re.Pattern:
-    """One regex for a whole list of globs, built once per distinct list (the
-    gateway hands the lists over anew with each message)."""
+    """One regex for a whole list of globs, built once per distinct list
+    (evals are plain functions; the lists only change on a reload)."""
     key = tuple(patterns)
     rx = _GLOBS.get(key)
     if rx is None:

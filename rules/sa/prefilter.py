@@ -43,14 +43,6 @@ CHUNK = 50
 CACHE_MIN_SECONDS = 0.2  # a database that compiles faster is not worth a file
 
 
-def available() -> bool:
-    try:
-        import hyperscan  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def hs_expression(source: bytes) -> bytes:
     """A translated (Python-syntax) pattern as a Hyperscan expression.
 

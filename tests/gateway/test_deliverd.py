@@ -84,3 +84,23 @@ def test_a_replaced_delivery_process_runs_the_accepted_config_not_a_broken_file(
         assert send(gw) == {}
         assert back.wait_for(1, timeout=20)
     assert gw.log().count("delivery process ended") == 1  # started once more, not in a loop
+
+
+def test_reload_that_cannot_write_the_config_keeps_the_child_on_its_old_one(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from gateway.deliverd import DeliveryAgent
+    from gateway.spool import Spool
+
+    agent = DeliveryAgent(Spool(str(tmp_path)), reactor=None, run_in_thread=None, config_source=b"[server]\n")
+    told = []
+    agent._tell = told.append
+
+    def disk_full(source):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(agent, "_write_config", disk_full)
+    with caplog.at_level(logging.ERROR, logger="mailgate.deliverd"):
+        agent.reload(b"[server]\nhostname = \"new\"\n")
+    assert told == [] and "keeps its config" in caplog.text
+    assert (tmp_path / "config.running.toml").read_bytes() == b"[server]\n"

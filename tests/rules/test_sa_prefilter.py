@@ -165,3 +165,22 @@ def test_many_chunks_compile_in_worker_processes(tmp_path, monkeypatch):
     assert len(pf.databases) == 4 and len(pf.covered) == len(patterns)
     assert pf.candidates(b"term3 term120 term150") == {"R3", "R120", "R150"}
     assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_failing_worker_processes_fall_back_to_compiling_here(monkeypatch, caplog):
+    monkeypatch.setattr(prefilter.sys, "executable", "/bin/false")
+    patterns = [Pattern(f"R{i}", b"term%d\\b" % i, 0) for i in range(3 * prefilter.CHUNK)]
+    with caplog.at_level(logging.WARNING, logger="mailgate.rules.sa"):
+        pf = build(patterns)
+    assert "worker processes failed" in caplog.text
+    assert pf.candidates(b"term3 term120") == {"R3", "R120"}
+
+
+def test_unwritable_cache_dir_is_reported_and_the_build_goes_on(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(prefilter, "CACHE_MIN_SECONDS", 0)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="mailgate.rules.sa"):
+        pf = build([Pattern("R", b"word", 0)], str(not_a_dir))
+    assert "cannot write cache file" in caplog.text
+    assert pf.candidates(b"a word") == {"R"}
