@@ -24,16 +24,10 @@ import tarfile
 import tempfile
 import time
 
+from tools.bench_bayes import default_corpus  # one rule for where the corpus is
+
 SIZE_MIN, SIZE_MAX = 4000, 6000
 TARBALLS = ("20030228_spam.tar.bz2", "20030228_easy_ham.tar.bz2", "20050311_spam_2.tar.bz2")
-
-
-def default_corpus() -> str:
-    env = os.environ.get("MAILGATE_CORPUS")
-    if env:
-        return env
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(os.path.dirname(repo), "shared", "corpus", "spamassassin")
 
 
 def corpus_messages(corpus: str, limit: int) -> list[bytes]:
