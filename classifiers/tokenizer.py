@@ -25,10 +25,7 @@ the tokens found so far plus a ``tokenizer:error`` token.
 from __future__ import annotations
 
 import binascii
-import email
 import email.header
-import email.policy
-import email.utils
 import html
 import ipaddress
 import math
@@ -37,6 +34,8 @@ import re
 from dataclasses import asdict, dataclass
 from html.parser import HTMLParser
 from typing import Iterator, Optional
+
+from gateway.mime import getaddresses, parse_mime
 
 # Header name prefixes other filters (and MailGate itself) add.  Their
 # values say what some filter thought, not what the sender sent.
@@ -122,7 +121,7 @@ def _tokenize(raw: bytes, s: TokenizerSettings, out: list[str]) -> None:
     if raw.startswith(b"From "):
         # the mbox envelope line is the mailbox's, not the sender's
         raw = raw.split(b"\n", 1)[1] if b"\n" in raw else b""
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    msg = parse_mime(raw)  # nesting bounded: a hostile depth must not recurse
     if msg.defects:
         out.append("message:defects")
     if s.headers:
@@ -198,7 +197,7 @@ def _header_tokens(msg, out: list[str], ips: bool = True) -> None:
         values = msg.get_all(field) or []
         if field in counts and not values:
             continue
-        for name, addr in email.utils.getaddresses([decode_header(v) for v in values[:3]]):
+        for name, addr in getaddresses([decode_header(v) for v in values[:3]]):
             _address_tokens(field, name, addr, out)
 
     from_domain = _domain_of(msg.get("From", ""))
@@ -210,7 +209,7 @@ def _header_tokens(msg, out: list[str], ips: bool = True) -> None:
         values = msg.get_all(field) or []
         if not values:
             continue
-        addrs = email.utils.getaddresses([decode_header(v) for v in values[:20]])[:1000]
+        addrs = getaddresses([decode_header(v) for v in values[:20]])[:1000]
         out.append(f"{field}:count:{_bucket(len(addrs))}")
         if addrs and not any(n for n, _ in addrs):
             out.append(f"{field}:no-real-name")
@@ -248,7 +247,7 @@ def _header_tokens(msg, out: list[str], ips: bool = True) -> None:
 
 
 def _domain_of(value) -> str:
-    addrs = email.utils.getaddresses([decode_header(value)]) if value else []
+    addrs = getaddresses([decode_header(value)]) if value else []
     for _, addr in addrs:
         if "@" in addr:
             return addr.rpartition("@")[2].lower().strip(">. ")

@@ -8,13 +8,13 @@ an SMTP reply.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import enum
 import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Optional
+
+from gateway.mime import MAX_MIME_DEPTH, MimePart, parse_mime
 
 
 class Stage(str, enum.Enum):
@@ -76,8 +76,10 @@ class Session:
     tls: bool = False
     auth_user: Optional[str] = None
     trusted: bool = False  # client is in relay.trusted_networks
-    results: list = field(default_factory=list)  # connect + helo results
+    results: list = field(default_factory=list)  # connect-stage results
+    helo_results: list = field(default_factory=list)  # the latest HELO/EHLO's; a new one replaces them
     transactions: int = 0
+    closed: bool = False  # the client has gone: nothing may be committed for it any more
 
     @cached_property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -112,6 +114,7 @@ class Envelope:
     recipients: list[Recipient] = field(default_factory=list)
     results: list = field(default_factory=list)  # mail-stage results
     size: int = 0
+    smtputf8: bool = False  # MAIL FROM carried SMTPUTF8 (RFC 6531): delivery needs a next hop that offers it
 
     @property
     def sender_domain(self) -> str:
@@ -121,13 +124,19 @@ class Envelope:
 class Message:
     """The received bytes and a parsed view made once, on first use."""
 
-    def __init__(self, raw: bytes):
+    def __init__(self, raw: bytes, max_mime_depth: int = MAX_MIME_DEPTH):
         self.raw = raw
+        self.max_mime_depth = max_mime_depth
 
     @cached_property
-    def parsed(self) -> email.message.Message:
-        # compat32 never raises on broken input and keeps header bytes as sent
-        return email.message_from_bytes(self.raw, policy=email.policy.compat32)
+    def parsed(self) -> MimePart:
+        return parse_mime(self.raw, self.max_mime_depth)
+
+    @cached_property
+    def mime_truncated(self) -> bool:
+        """Some part nests deeper than ``max_mime_depth``: the parsed view
+        holds it as opaque bytes, so no check saw inside it."""
+        return any(p.opaque for p in self.parsed.walk())
 
     @cached_property
     def header_block(self) -> bytes:

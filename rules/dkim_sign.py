@@ -16,7 +16,6 @@ TXT record to publish (see rules/commands.py).
 from __future__ import annotations
 
 import base64
-import email.utils
 import logging
 import os
 from typing import Optional
@@ -26,6 +25,7 @@ from pydantic import Field, field_validator
 
 from gateway.config import Domain, Section
 from gateway.errors import ConfigError
+from gateway.mime import getaddresses
 from gateway.plugins import Check
 from gateway.records import Failed, Result, Stage
 
@@ -99,7 +99,7 @@ def key_for(domains: dict, domain: str) -> Optional[tuple[str, object]]:
 
 def from_domain(msg) -> Optional[str]:
     values = msg.get_all("From") or []
-    pairs = [a for _, a in email.utils.getaddresses([str(v) for v in values]) if "@" in a]
+    pairs = [a for _, a in getaddresses([str(v) for v in values]) if "@" in a]
     if len(pairs) != 1:
         return None  # none, or several authors: nothing one signature can vouch for
     return pairs[0].rpartition("@")[2].lower().rstrip(".") or None

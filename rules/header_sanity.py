@@ -3,8 +3,7 @@ From that parses to exactly one address."""
 
 from __future__ import annotations
 
-from email.utils import getaddresses
-
+from gateway.mime import getaddresses
 from gateway.plugins import Check
 from gateway.records import Result, Stage
 

@@ -30,6 +30,7 @@ import dns.resolver
 from pydantic import Field
 
 from gateway.config import Section
+from gateway.mime import getaddresses, parse_mime
 from gateway.plugins import Check
 from gateway.records import Failed, Result, Stage
 
@@ -313,10 +314,9 @@ def _has_dkim_signature(raw: bytes) -> bool:
 
 
 def _from_domain(raw: bytes) -> Optional[str]:
-    import email
-
-    msg = email.message_from_bytes(raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
-    pairs = email.utils.getaddresses([str(v) for v in msg.get_all("From") or []])
+    # bounded: without a CRLF CRLF the "header block" is the whole message
+    msg = parse_mime(raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+    pairs = getaddresses([str(v) for v in msg.get_all("From") or []])
     for _, a in pairs:
         if "@" in a:
             return a.rpartition("@")[2].lower()

@@ -16,7 +16,10 @@ A part is banned when
   a depth and a size, and at most N entries are looked at, so an archive
   bomb costs bounded work and is never decompressed wholesale.
 
--> ``Result("BANNED_ATTACHMENT", refuse="banned")``: 554 5.7.1.
+-> ``Result("BANNED_ATTACHMENT", refuse="banned")``: 554 5.7.1.  Parts nested
+below the parsed view's depth limit are opaque bytes, so their names are not
+seen: the check then also says ``Failed`` (no points; mime_structure scores
+the nesting).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import zipfile
 from typing import Iterator, Optional
 
 from gateway.plugins import Check
-from gateway.records import Result, Stage
+from gateway.records import Failed, Result, Stage
 from scanners.settings import AvSettings
 
 log = logging.getLogger("mailgate.scanners")
@@ -138,22 +141,32 @@ class BannedAttachments(Check):
     stage = Stage.DATA
     priority = 15
 
-    def __init__(self, av: AvSettings):
+    def __init__(self, av: AvSettings, run_in_thread=None):
         self.av = av
         self.banned = frozenset(av.banned_extensions)
+        self.run_in_thread = run_in_thread
 
     @classmethod
     def from_config(cls, config, services):
         av = getattr(config, "av", None) or AvSettings()
         if not av.banned_attachments:
             return None
-        return cls(av)
+        return cls(av, services.run_in_thread)
 
     def check(self, txn):
+        # walking every part and opening zips inside zips is CPU work: not on the reactor
+        if self.run_in_thread is not None:
+            return self.run_in_thread(self.judge, txn)
+        return self.judge(txn)
+
+    def judge(self, txn):
         reasons = self.find(txn.message.parsed)
-        if not reasons:
-            return []
-        return [Result(SYMBOL, 0.0, "; ".join(reasons[:3]), refuse="banned")]
+        out = [Result(SYMBOL, 0.0, "; ".join(reasons[:3]), refuse="banned")] if reasons else []
+        if txn.message.mime_truncated:
+            # parts below the nesting limit are opaque bytes: their names were not seen
+            out.append(Failed(self.name, f"parts nested deeper than {txn.message.max_mime_depth} levels "
+                                         "were not looked into"))
+        return out
 
     def find(self, msg) -> list[str]:
         reasons: list[str] = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import email.errors
 import email.header
-import email.utils
 import functools
 import html
 import re
@@ -25,6 +24,7 @@ from functools import cached_property
 from html.parser import HTMLParser
 from typing import Optional
 
+from gateway.mime import getaddresses, parse_mime
 from rules.sa import uris as uri_mod
 
 MAX_PART = 512 * 1024  # text parts larger than this are cut (rules scan a prefix)
@@ -597,10 +597,7 @@ class MessageView:
     def parsed(self):
         if self._parsed is not None:
             return self._parsed
-        import email as _email
-        import email.policy
-
-        return _email.message_from_bytes(self.raw, policy=email.policy.compat32)
+        return parse_mime(self.raw)
 
     # --- headers ----------------------------------------------------------------
 
@@ -653,7 +650,7 @@ class MessageView:
         elif "last" in mods:
             vals = vals[-1:]
         if "addr" in mods or "name" in mods or "host" in mods or "domain" in mods:
-            pairs = email.utils.getaddresses([v.strip() for v in vals])
+            pairs = getaddresses([v.strip() for v in vals])
             if "name" in mods:
                 return _u8("\n".join(n for n, _ in pairs[:1]))
             addrs = [a for _, a in pairs if a][:1]

@@ -179,3 +179,11 @@ def test_parts_beyond_the_cap_are_not_walked():
 
 def test_non_bytes_input_is_reported_not_raised():
     assert tokenize("not bytes") == ["tokenizer:error"]
+
+
+def test_nesting_past_the_parsed_views_limit_is_tokenized_not_an_error():
+    from tests.gateway.test_mime import nested
+
+    toks = tokenize(nested(1000))
+    assert "tokenizer:error" not in toks  # the parse used to die of RecursionError here
+    assert "header:from:1" in toks and "mime:many-parts" in toks

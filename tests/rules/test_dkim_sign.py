@@ -127,3 +127,11 @@ def test_e2e_outbound_mail_from_a_trusted_network_leaves_signed(mailgate, sink, 
     assert b"DKIM-Signature:" in delivered and b"d=example.test" in delivered
     txt = f"v=DKIM1; k=rsa; p={public}".encode()
     assert dkim.verify(delivered, dnsfunc=lambda name, timeout=5: txt if name == b"sel._domainkey.example.test." else None)
+
+
+def test_the_from_domain_survives_deeply_nested_comments():
+    from rules.dkim_sign import from_domain
+
+    deep = "(" * 2000 + ")" * 2000
+    assert from_domain(Message(f"From: alice@sales.example.test {deep}\r\n\r\nhi\r\n".encode()).parsed) \
+        == "sales.example.test"

@@ -104,3 +104,16 @@ def test_alternative_difference_counts_words_missing_from_text():
     madiff, html_words, text_words = MessageView(RAW).alternative_difference
     # HTML words T, Hello, world, See, this; the text part has none of them
     assert (html_words, text_words) == (5, 6) and madiff == 100.0
+
+
+def test_a_thousand_levels_of_nesting_give_a_bounded_view():
+    from gateway.mime import MAX_MIME_DEPTH
+    from tests.gateway.test_mime import nested
+
+    v = MessageView(nested(1000))  # parsed here, not handed in: bounded all the same
+    assert len(v.mime_headers) == MAX_MIME_DEPTH + 1
+    assert v.mime_scan["body_text_count"] == 0  # the text part is below the limit, inside opaque bytes
+    assert "mime_epilogue_exists" not in v.parse_flags
+    assert v.body_text == b"deep\n" and v.uris == []
+    shallow = MessageView(nested(3))
+    assert b"the innermost text" in shallow.body_text and "http://deep.example/x" in shallow.uris

@@ -182,3 +182,13 @@ def test_e2e_forged_dkim_gets_fail_and_the_configured_points(mailgate, sink, dns
     assert b"dkim=fail" in ar[0] and b"spf=pass" in ar[0]
     assert b"DKIM_INVALID=2.5" in first
     assert b"dkim=pass" in second and b"DKIM_VALID" in second and b"DKIM_INVALID" not in second
+
+
+def test_the_dmarc_from_domain_survives_hostile_nesting():
+    from rules.sender_auth import _from_domain
+    from tests.gateway.test_mime import nested
+
+    # without a CRLF CRLF the whole message is parsed; bare LF mail has none
+    assert _from_domain(nested(1000).replace(b"\r\n", b"\n")) == "sender.test"
+    deep = b"From: alice@sender.test " + b"(" * 2000 + b")" * 2000 + b"\r\nSubject: x\r\n\r\nhi\r\n"
+    assert _from_domain(deep) == "sender.test"

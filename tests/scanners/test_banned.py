@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from gateway.records import Message, Result, Session, Transaction
+from gateway.records import Failed, Message, Result, Session, Transaction
 from scanners.banned import BannedAttachments, banned_reason, is_executable, zip_names, ZipBudget
 from scanners.settings import AvSettings, DEFAULT_BANNED_EXTENSIONS
 
@@ -175,3 +175,31 @@ def test_is_executable():
     assert is_executable(PE, "text")
     assert is_executable(b"MZ\x00\x01", "application")
     assert not is_executable(b"MZ hello", "text")
+
+
+def test_a_message_nested_past_the_limit_says_what_it_could_not_look_into():
+    from tests.gateway.test_mime import HEAD, nested
+
+    exe = attachment('Content-Type: application/octet-stream\nContent-Disposition: attachment; filename="a.exe"')
+    # an attachment beside the deep branch is still seen; what is below the limit is not
+    raw = nested(1000, inner=b'Content-Type: text/plain\r\n\r\nx\r\n', head=HEAD)
+    raw = raw.replace(b'boundary="b0"\r\n\r\n--b0\r\n', b'boundary="b0"\r\n\r\n--b0\r\n' + exe + b"--b0\r\n", 1)
+    results = check(raw)
+    assert [type(r) for r in results] == [Result, Failed]
+    assert "a.exe" in results[0].detail and results[0].refuse == "banned"
+    assert results[1].check == "banned_attachments" and results[1].severity == "none"
+    assert "100 levels" in results[1].reason
+    assert check(message(b"Content-Type: text/plain\r\n\r\nshallow\r\n")) == []
+
+
+def test_the_walk_runs_in_the_thread_pool_when_the_gateway_gives_one():
+    calls = []
+
+    def run_in_thread(fn, *args):
+        calls.append(fn)
+        return fn(*args)
+
+    txn = Transaction(Session("Q1", "127.0.0.1"), message=Message(message(attachment(
+        'Content-Type: application/octet-stream; name="run.exe"\n', PE))))
+    results = BannedAttachments(AvSettings(), run_in_thread).check(txn)
+    assert [c.__name__ for c in calls] == ["judge"] and results[0].refuse == "banned"
