@@ -19,6 +19,12 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[[^\[\]\\\s]+\]"
 _MAILBOX = re.compile(rf"^(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
+# RFC 6531 3.3: with SMTPUTF8 a local part may hold any UTF-8 beyond ASCII
+_ATEXT_UTF8 = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])"
+_DOT_STRING_UTF8 = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
+_QUOTED_UTF8 = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"'
+_MAILBOX_UTF8 = re.compile(
+    rf"^(?P<local>{_DOT_STRING_UTF8}|{_QUOTED_UTF8})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
 _ADL = re.compile(rf"^@(?:{_DOMAIN}|{_LITERAL})(?:,@(?:{_DOMAIN}|{_LITERAL}))*:")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 
@@ -70,8 +76,15 @@ def _literal_ok(lit: str) -> bool:
     return True
 
 
-def parse_mailbox(text: str) -> Mailbox:
-    m = _MAILBOX.match(text)
+def parse_mailbox(text: str, utf8: bool = False) -> Mailbox:
+    """``utf8``: the transaction carries SMTPUTF8, so the local part may be
+    UTF-8 and the domain U-labels (kept as their A-label form, which is what
+    DNS and the relay decision use)."""
+    if not text.isascii():
+        if not utf8:
+            raise AddressError("needs SMTPUTF8")
+        text = _ascii_domain(text)
+    m = (_MAILBOX_UTF8 if utf8 else _MAILBOX).match(text)
     if not m:
         raise AddressError("address syntax")
     domain = m.group("domain")
@@ -81,13 +94,28 @@ def parse_mailbox(text: str) -> Mailbox:
         domain = domain.lower() if domain.lower().startswith("[ipv6:") else domain
     else:
         domain = domain.lower().rstrip(".")
-    if len(m.group("local")) > 64 or len(domain) > 255:
+    if len(m.group("local").encode()) > 64 or len(domain) > 255:
         raise AddressError("address too long")
     return Mailbox(m.group("local"), domain)
 
 
-def parse_path(arg: str, keyword: str, allow_null: bool) -> Path:
-    """``arg`` is what follows the command verb, e.g. 'FROM:<a@b> SIZE=10'."""
+def _ascii_domain(text: str) -> str:
+    local, at, domain = text.rpartition("@")
+    if not at or domain.isascii() or domain.startswith("["):
+        return text
+    try:
+        return f"{local}@{domain.rstrip('.').encode('idna').decode('ascii')}"
+    except UnicodeError:
+        raise AddressError("address syntax") from None
+
+
+def parse_path(arg: str, keyword: str, allow_null: bool, utf8: bool = False,
+               postmaster_domain: Optional[str] = None) -> Path:
+    """``arg`` is what follows the command verb, e.g. 'FROM:<a@b> SIZE=10'.
+
+    ``postmaster_domain``: RCPT TO:<postmaster> without a domain must be
+    accepted (RFC 5321 4.5.1); it means the postmaster of this domain.
+    """
     if not arg[: len(keyword) + 1].upper() == keyword + ":":
         raise AddressError("syntax")
     rest = arg[len(keyword) + 1 :].lstrip(" ")
@@ -104,11 +132,13 @@ def parse_path(arg: str, keyword: str, allow_null: bool) -> Path:
         if not allow_null:
             raise AddressError("address syntax")
         return Path(None, params)
+    if postmaster_domain and inner.lower() == "postmaster":
+        return Path(Mailbox(inner, postmaster_domain), params)
     had_route = False
     route = _ADL.match(inner)
     if route:
         inner, had_route = inner[route.end():], True
-    return Path(parse_mailbox(inner), params, had_route)
+    return Path(parse_mailbox(inner, utf8), params, had_route)
 
 
 def _closing_bracket(text: str) -> int:

@@ -32,10 +32,16 @@ def cmd_deliver(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    from gateway.cli import load_config
+    from gateway import config as cfg
+    from gateway.auth import users_of
     from gateway.plugins import discover, select
+    from gateway.service import server_tls
 
-    config = load_config(args)
+    path = cfg.find_config_path(args.config)
+    config = cfg.load(path)
+    cfg.check_files(config, path or "(embedded default)")  # as `run` and a reload do
+    server_tls(config.server)  # and their content must be usable, as `run` needs it
+    users_of(config.auth)
     checks = select(discover(), config)
     print(f"config ok: listen={','.join(str(l) for l in config.server.listen)} "
           f"domains={','.join(config.relay.domains) or '-'} checks={','.join(c.name for c in checks)}")
@@ -87,7 +93,7 @@ def _score_all(config, reactor, args):
             raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             if raw.startswith(b"From "):  # mbox envelope line, not a header
                 raw = raw.split(b"\r\n", 1)[1] if b"\r\n" in raw else b""
-            msg = Message(raw)
+            msg = Message(raw, config.server.max_mime_depth)
             sender = (msg.parsed.get("Return-Path") or "").strip("<> ")
             session = Session(queue_id="offline", peer_ip="127.0.0.1")
             env = Envelope(queue_id="offline", sender=sender,

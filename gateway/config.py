@@ -14,7 +14,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
     AfterValidator,
@@ -129,7 +129,13 @@ def normalize_domain(value: Any) -> str:
     return d
 
 
+class _ReadFile:
+    """Marks a setting naming a file the gateway reads: ``check_files`` opens it."""
+
+
 ListenAddress = Annotated[HostPort, BeforeValidator(_listen)]
+# "" means unset; any other value must name a readable file (see check_files)
+ReadableFile = Annotated[str, _ReadFile()]
 NameServer = Annotated[HostPort, BeforeValidator(_nameserver)]
 Network = Annotated[str, BeforeValidator(_network)]
 Domain = Annotated[str, BeforeValidator(normalize_domain)]
@@ -199,8 +205,17 @@ class ServerSettings(Section):
     idle_timeout: Duration = 300.0
     # wait this long before the greeting; a client that talks first is refused
     greet_pause: Duration = 0.0
-    tls_certificate: str = ""
-    tls_key: str = ""
+    # every limit is a deadline, not an idle timer (Postfix's
+    # smtpd_per_request_deadline): a command must be complete within
+    # idle_timeout of the previous reply however its bytes trickle in, and
+    # DATA within idle_timeout plus one second per min_data_rate bytes received
+    min_data_rate: int = Field(500, gt=0)
+    max_session_time: Duration = Field(3600.0, gt=0)
+    # MIME parts nested deeper are opaque bytes to every content check (and
+    # score MIME_NESTING_TOO_DEEP); the parser recurses per level, hence the cap
+    max_mime_depth: int = Field(100, ge=2, le=500)
+    tls_certificate: ReadableFile = ""
+    tls_key: ReadableFile = ""
 
 
 class RelaySettings(Section):
@@ -227,18 +242,54 @@ class QueueSettings(Section):
     retry_min: Duration = 300.0
     retry_max: Duration = 4000.0
     delivery_concurrency: int = Field(50, gt=0)
-    connect_timeout: Duration = 30.0
+    # per next hop (Postfix's default_destination_concurrency_limit): one hung
+    # server cannot take every slot
+    destination_concurrency: int = Field(20, gt=0)
+    # this many failed connections in a row mark a next hop dead for
+    # destination_dead_time: its mail is deferred without connecting
+    destination_dead_after: int = Field(5, gt=0)
+    destination_dead_time: Duration = Field(60.0, gt=0)
+    # per-phase deadlines of the SMTP client (RFC 5321 4.5.3.2, Postfix's smtp_*_timeout)
+    connect_timeout: Duration = Field(30.0, gt=0)
+    helo_timeout: Duration = Field(300.0, gt=0)
+    mail_timeout: Duration = Field(300.0, gt=0)
+    rcpt_timeout: Duration = Field(300.0, gt=0)
+    data_init_timeout: Duration = Field(120.0, gt=0)
+    data_xfer_timeout: Duration = Field(180.0, gt=0)
+    data_done_timeout: Duration = Field(600.0, gt=0)
+    # how often the spool is searched for messages nothing will try again
+    sweep_interval: Duration = Field(60.0, gt=0)
     # deliver from a child process (another core); false: in the SMTP process
     delivery_process: bool = True
 
 
 class AuthSettings(Section):
-    users_file: str = ""
+    users_file: ReadableFile = ""
+    # AUTH without TLS: "never", "loopback" (clients on 127.0.0.0/8 and ::1) or "always"
+    allow_without_tls: Literal["never", "loopback", "always"] = "loopback"
+    # failures per connection, then 421 and close (Postfix's smtpd_hard_error_limit for AUTH)
+    max_failures: int = Field(3, gt=0)
+    # wait before each 535 (Dovecot's auth_failure_delay): slows guessing, costs us nothing
+    failure_delay: Duration = 2.0
+    # failures per client address within client_failure_window, counted in the store
+    max_client_failures: int = Field(20, gt=0)
+    client_failure_window: Duration = Field(3600.0, gt=0)
+
+
+class StageDeadlines(Section):
+    """How long each stage's checks may take; a check past it is Failed(tempfail)."""
+
+    connect: Duration = Field(30.0, gt=0)
+    helo: Duration = Field(30.0, gt=0)
+    mail: Duration = Field(60.0, gt=0)
+    rcpt: Duration = Field(60.0, gt=0)
+    data: Duration = Field(120.0, gt=0)
 
 
 class ChecksSettings(Section):
     disabled: list[str] = Field(default_factory=list)
     order: list[str] = Field(default_factory=list)
+    deadlines: StageDeadlines = Field(default_factory=StageDeadlines)
 
 
 class LogSettings(Section):
@@ -328,6 +379,48 @@ def validate(data: dict, plugin_sections: dict[str, Any], path: str | None = Non
     if problems:
         raise ConfigError(problems, path)
     return config
+
+
+def check_files(config, path: str | None = None) -> None:
+    """Every ``ReadableFile`` setting names a file we can open, or ConfigError
+    lists each that does not.  Not part of ``validate``: the commands that only
+    read the spool (queue list, the delivery process) need no certificate, and
+    must not refuse to work because one went missing."""
+    problems = []
+    for key, value in _file_settings(config):
+        reason = _unreadable(value)
+        if reason:
+            problems.append(f"{key} = {value!r}: {reason}")
+    if problems:
+        raise ConfigError(problems, path)
+
+
+def _file_settings(config):
+    """(dotted key, value) of each non-empty ReadableFile in the config's sections."""
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        sections = [(name, value)] if isinstance(value, BaseModel) else (
+            [(f"{name}.{i}", v) for i, v in enumerate(value) if isinstance(v, BaseModel)]
+            if isinstance(value, list) else [])
+        for prefix, section in sections:
+            for field_name, info in type(section).model_fields.items():
+                if any(isinstance(m, _ReadFile) for m in info.metadata) and getattr(section, field_name):
+                    yield f"{prefix}.{field_name}", getattr(section, field_name)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be read, or None.  Opening it is the only honest test."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except PermissionError:
+        return "not readable (permission denied)"
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
 
 
 def read_toml(path: str) -> dict:

@@ -164,7 +164,7 @@ class DeliveryDaemon:
     def _begin(self, spool: Spool):
         from twisted.internet.threads import deferToThreadPool
 
-        from gateway.delivery import Deliverer
+        from gateway.delivery import Deliverer, Timeouts
         from gateway.queue import QueueManager
         from gateway.resolver import Resolver
         from gateway.service import client_tls
@@ -178,7 +178,7 @@ class DeliveryDaemon:
         config = self.config
         deliverer = Deliverer(
             reactor=self.reactor, resolver=Resolver.from_config(config.dns), routes=config.routes,
-            hostname=config.server.hostname, connect_timeout=config.queue.connect_timeout,
+            hostname=config.server.hostname, timeouts=Timeouts.from_settings(config.queue),
             tls_client_context_factory=client_tls(), run_in_thread=run_in_thread,
         )
         self.queue = QueueManager(spool, deliverer, self.reactor, run_in_thread, config.queue,
@@ -198,6 +198,7 @@ class DeliveryDaemon:
 
     def reload(self) -> None:
         from gateway import config as cfg
+        from gateway.delivery import Timeouts
         from gateway.errors import MailGateError
 
         try:
@@ -205,8 +206,14 @@ class DeliveryDaemon:
         except MailGateError as e:
             log.error("delivery: reload refused, keeping the running config: %s", e)
             return
+        if new.dns != self.config.dns:  # the next attempts ask the new servers
+            from gateway.resolver import Resolver
+
+            self.queue.deliverer.resolver = Resolver.from_config(new.dns)
         self.config = new
-        self.queue.settings = new.queue
+        self.queue.settings = new.queue  # concurrency limits, dead next hops, sweep interval
+        self.queue.deliverer.timeouts = Timeouts.from_settings(new.queue)
+        self.queue.hostname = self.queue.deliverer.hostname = new.server.hostname
         self.queue.deliverer.routes = new.routes
         log.info("delivery process reloaded routes: %s", ", ".join(f"{k} -> {v}" for k, v in new.routes.items()))
 

@@ -39,6 +39,21 @@ Postfix's "may" level does.  Pass ``tls_client_context_factory=False`` to
 never use STARTTLS, or a context factory of your own (for instance one that
 verifies) to replace the default.
 
+Every phase of a session has its own deadline (``Timeouts``, from ``[queue]``:
+connect, greeting/EHLO/STARTTLS, MAIL, each RCPT, DATA, each chunk of the
+body, end of data; RFC 5321 4.5.3.2's values by default), not one idle timer;
+the deferral reason names the phase that ran out.  How many sessions run at
+once, per next hop and in all, and which next hops are dead, is the queue
+manager's business (``gateway.queue.Destinations``): ``destination(rcpt)``
+tells it which next hop a recipient goes to.
+
+SMTPUTF8 (RFC 6531): when the client sent the SMTPUTF8 parameter
+(``deliver(smtputf8=True)``) or the sender is not ASCII, the whole
+transaction needs it; otherwise only the recipients that are not ASCII do.
+When the next hop offers SMTPUTF8, MAIL FROM carries it; when it does not,
+what needs it fails at once with 550 5.6.7 (no downgrade, no other MX: the
+queue manager bounces it) and the rest is delivered as usual.
+
 Collaborators are injected: the reactor, the resolver (``mx()``/``addresses()``
 coroutines, run through ``gateway.pipeline.as_deferred``, so the asyncio
 reactor must be installed), ``run_in_thread`` for the Maildir writes and for
@@ -78,7 +93,9 @@ FAILED = "failed"
 
 MAX_ADDRESSES = 5  # next-hop addresses tried per group and attempt
 WIRE_FORM_IN_THREAD = 256 * 1024  # bytes; above this the CRLF/dot pass leaves the reactor
-DEFAULT_COMMAND_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: minutes, not seconds
+# RSET and QUIT come after the outcome is known: waiting long for their reply
+# would only hold a socket
+QUIT_TIMEOUT = 30.0
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -117,6 +134,64 @@ def enhanced_status(code: int, reply: str, status: str = "") -> str:
     if 400 <= code < 500 or (status == DEFERRED and not code):
         return "4.4.7" if status == FAILED else "4.0.0"
     return "5.0.0"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long each phase of an SMTP client session may take, in seconds.
+
+    The defaults are RFC 5321 4.5.3.2's (and Postfix's smtp_*_timeout): a
+    deadline per phase rather than one idle timer, so a server that hangs
+    after the greeting is given up on when that phase's time is over.
+    ``data_xfer`` bounds each chunk of the body, not the whole body: a big
+    message on a slow link is not cut off while it moves.
+    """
+
+    connect: float = 30.0
+    helo: float = 300.0  # the greeting, EHLO/HELO and STARTTLS (with its handshake)
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0  # DATA to 354
+    data_xfer: float = 180.0  # each chunk of the body
+    data_done: float = 600.0  # the final "." to its reply
+    quit: float = QUIT_TIMEOUT
+
+    @classmethod
+    def from_settings(cls, queue) -> "Timeouts":
+        """From ``[queue]`` (``gateway.config.QueueSettings``)."""
+        return cls(connect=queue.connect_timeout, helo=queue.helo_timeout, mail=queue.mail_timeout,
+                   rcpt=queue.rcpt_timeout, data_init=queue.data_init_timeout,
+                   data_xfer=queue.data_xfer_timeout, data_done=queue.data_done_timeout)
+
+    @classmethod
+    def every_command(cls, seconds: float, connect: float = 30.0) -> "Timeouts":
+        """One limit for every phase (tests, and the old ``command_timeout``)."""
+        return cls(connect, seconds, seconds, seconds, seconds, seconds, seconds, min(seconds, QUIT_TIMEOUT))
+
+    def for_command(self, line: bytes) -> tuple[float, str]:
+        """The deadline for the reply to the command ``line``, and the phase's name for errors."""
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"HELO", b"STAR"):
+            return self.helo, line.split(None, 1)[0].decode("ascii", "replace").upper()
+        if verb == b"MAIL":
+            return self.mail, "MAIL FROM"
+        if verb == b"RCPT":
+            return self.rcpt, "RCPT TO"
+        if verb == b"DATA":
+            return self.data_init, "DATA"
+        if line in (b".", b"\r\n."):
+            return self.data_done, "end of data"
+        return self.quit, line.split(None, 1)[0].decode("ascii", "replace").upper() if line.strip() else "reply"
+
+
+def _header_block(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[:end]
+
+
+def _needs_smtputf8(address: str) -> bool:
+    """RFC 6531: an address that is not ASCII can only be sent with SMTPUTF8."""
+    return not address.isascii()
 
 
 def classify(code: int) -> str:
@@ -218,7 +293,8 @@ def _client_classes():
         def __init__(self, attempt: "_Attempt"):
             super().__init__(secret=None, contextFactory=attempt.tls_context, identity=attempt.hostname)
             self.attempt = attempt
-            self.timeout = attempt.command_timeout
+            self.timeout = attempt.timeouts.helo  # until the greeting; then per command (sendLine)
+            self._phase = "the greeting"
             self._offered = False
             self._helo_refused_once = False
             self._tls_started = False
@@ -233,16 +309,30 @@ def _client_classes():
             return _Address(self.attempt.sender)
 
         def getMailTo(self):
-            return [_Address(r) for r in self.attempt.recipients]
+            return [_Address(r) for r in self.attempt.sendable]
 
         def getMailData(self):
             return BytesIO(self.attempt.wire)
 
         def transformChunk(self, chunk):
             # the data is already in wire form (CRLF, dot-stuffed): the base class
-            # would turn CRLF into CRCRLF
-            self.resetTimeout()
+            # would turn CRLF into CRCRLF.  Each chunk is asked for once the
+            # previous one has left, so this is a deadline per chunk
+            self._phase = "the message body to be taken"
+            self.setTimeout(self.attempt.timeouts.data_xfer)
             return chunk
+
+        # -- deadlines ----------------------------------------------------------
+        def sendLine(self, line):
+            # every command goes out here: its reply gets that phase's deadline
+            timeout, phase = self.attempt.timeouts.for_command(line)
+            self._phase = f"the reply to {phase}"
+            self.setTimeout(timeout)
+            super().sendLine(line)
+
+        def timeoutConnection(self):
+            why = f"timeout after {self.timeOut:g}s waiting for {self._phase}"
+            self.sendError(smtp.SMTPTimeoutError(-1, why.encode(), self.log.str()))
 
         # -- protocol hooks ----------------------------------------------------
         def connectionMade(self):
@@ -283,6 +373,15 @@ def _client_classes():
             if self._from is None:
                 return self._disconnectFromServer()
             params = b""
+            if self.attempt.utf8_recipients:
+                if b"SMTPUTF8" in self._extensions:
+                    params += b" SMTPUTF8"
+                else:
+                    # RFC 6531 3.2: no downgrade; what needs SMTPUTF8 fails here
+                    self.attempt.smtputf8_refused()
+                    if not self.attempt.sendable:
+                        self._from = None  # no transaction: nothing for sentMail to report
+                        return self._disconnectFromServer()
             if b"SIZE" in self._extensions:
                 params += b" SIZE=%d" % len(self.attempt.wire)
             if self.attempt.eight_bit and b"8BITMIME" in self._extensions:
@@ -316,18 +415,28 @@ class _Attempt(protocol.ClientFactory):
     """One connection to one next-hop address; ``result`` fires with a ``_Session``."""
 
     def __init__(self, reactor, hop: _Hop, sender: str, recipients: list[str], wire: bytes, eight_bit: bool,
-                 hostname: str, tls_context, command_timeout: float):
+                 hostname: str, tls_context, timeouts: Timeouts, smtputf8: bool = False):
         self.reactor = reactor
         self.hop = hop
         self.sender = sender
         self.recipients = recipients
+        self.sendable = list(recipients)  # what goes into RCPT TO
+        # RFC 6531: the sender is not ASCII, or the client asked for SMTPUTF8
+        # and the headers really hold UTF-8: the whole transaction needs it;
+        # else only recipients that are not ASCII.  An all-ASCII message that
+        # merely came with SMTPUTF8 goes without it, as Postfix sends it
+        if _needs_smtputf8(sender) or (smtputf8 and not _header_block(wire).isascii()):
+            self.utf8_recipients = list(recipients)
+        else:
+            self.utf8_recipients = [r for r in recipients if _needs_smtputf8(r)]
         self.wire = wire
         self.eight_bit = eight_bit
         self.hostname = hostname
         self.tls_context = tls_context
-        self.command_timeout = command_timeout
+        self.timeouts = timeouts
         self.result: defer.Deferred = defer.Deferred()
         self._done = False
+        self._refused: dict[str, Outcome] = {}  # decided before RCPT: SMTPUTF8 not offered
 
     def buildProtocol(self, addr):
         p = _client_classes()[2](self)
@@ -340,10 +449,19 @@ class _Attempt(protocol.ClientFactory):
             self._done = True
             self.result.callback(session)
 
+    def smtputf8_refused(self) -> None:
+        """The next hop does not offer SMTPUTF8: what needs it bounces (RFC 6531 3.2, 5.6.7)."""
+        reply = f"5.6.7 SMTPUTF8 not supported by next hop {self.hop}"
+        for rcpt in self.utf8_recipients:
+            self._refused[rcpt] = Outcome(rcpt, FAILED, 550, reply, str(self.hop))
+        self.sendable = [r for r in self.sendable if r not in self._refused]
+        if not self.sendable:
+            self._finish(_Session(outcomes=dict(self._refused)))
+
     def transaction_done(self, code, resp, num_ok, addresses, tls) -> None:
         relay = str(self.hop)
         data_reply = _text(resp)
-        outcomes: dict[str, Outcome] = {}
+        outcomes: dict[str, Outcome] = dict(self._refused)
         for address, rcode, rresp in addresses:
             rcpt = getattr(address, "raw", None) or str(address)
             if 200 <= rcode < 300:
@@ -398,7 +516,8 @@ class Deliverer:
         connect_timeout: float = 30.0,
         tls_client_context_factory=None,
         *,
-        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        timeouts: Optional[Timeouts] = None,
+        command_timeout: Optional[float] = None,
         smtp_port: int = 25,
         run_in_thread: Callable[..., defer.Deferred] = _default_run_in_thread,
         max_addresses: int = MAX_ADDRESSES,
@@ -409,8 +528,11 @@ class Deliverer:
         self.resolver = resolver
         self.routes = routes
         self.hostname = hostname
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
+        # ``timeouts`` wins; ``connect_timeout``/``command_timeout`` are the older, coarser knobs
+        if timeouts is None:
+            timeouts = (Timeouts.every_command(command_timeout, connect_timeout) if command_timeout is not None
+                        else Timeouts(connect=connect_timeout))
+        self.timeouts = timeouts  # replaced as a whole on reload
         self.smtp_port = smtp_port  # of "mx" next hops (Postfix: the "smtp" service port)
         if tls_client_context_factory is None:
             tls_client_context_factory = default_tls_context()
@@ -422,35 +544,48 @@ class Deliverer:
 
     # -- the one entry point ----------------------------------------------------
     def deliver(self, queue_id: str, sender: str, recipients: list[str], data: bytes,
-                arrival: Optional[float] = None) -> defer.Deferred:
+                arrival: Optional[float] = None, smtputf8: bool = False) -> defer.Deferred:
         """Fires with ``list[Outcome]``, one per recipient in order; never errbacks.
 
         ``arrival`` (epoch seconds) makes ``delay=`` in the log the time since
         the message arrived; without it, the time this attempt took.
+        ``smtputf8``: the client sent the SMTPUTF8 parameter, so the next hop
+        must offer it (non-ASCII addresses need it anyway).
         """
-        return defer.Deferred.fromCoroutine(self._deliver_safely(queue_id, sender, list(recipients), data, arrival))
+        return defer.Deferred.fromCoroutine(
+            self._deliver_safely(queue_id, sender, list(recipients), data, arrival, smtputf8))
 
-    async def _deliver_safely(self, queue_id, sender, recipients, data, arrival) -> list[Outcome]:
+    def destination(self, recipient: str) -> str:
+        """The next hop's name for per-destination limits: the route, or
+        ``mx:DOMAIN`` for MX routing (Postfix's nexthop).  Recipients with
+        one destination go in one transaction."""
+        route, domain = self._group_key(recipient)
+        return f"mx:{domain}" if route.kind == "mx" else str(route)
+
+    def _group_key(self, recipient: str) -> tuple[Route, str]:
+        domain = recipient.rpartition("@")[2].lower().rstrip(".") if "@" in recipient else ""
+        route = route_for(self.routes, domain)
+        return route, (domain if route.kind == "mx" else "")
+
+    async def _deliver_safely(self, queue_id, sender, recipients, data, arrival, smtputf8) -> list[Outcome]:
         try:
-            return await self._deliver(queue_id, sender, recipients, data, arrival)
+            return await self._deliver(queue_id, sender, recipients, data, arrival, smtputf8)
         except Exception as e:  # a bug must defer the mail, never lose it or stall the queue
             log.exception("queue_id=%s internal error in delivery", queue_id)
             return [Outcome(r, DEFERRED, 451, f"4.3.0 internal error: {e}") for r in recipients]
 
-    async def _deliver(self, queue_id, sender, recipients, data, arrival) -> list[Outcome]:
+    async def _deliver(self, queue_id, sender, recipients, data, arrival, smtputf8) -> list[Outcome]:
         started = arrival if arrival is not None else self._clock()
         groups: dict[tuple, list[str]] = {}
         for rcpt in recipients:
-            domain = rcpt.rpartition("@")[2].lower().rstrip(".") if "@" in rcpt else ""
-            route = route_for(self.routes, domain)
-            key = (route, domain if route.kind == "mx" else "")
+            key = self._group_key(rcpt)
             if rcpt not in groups.setdefault(key, []):
                 groups[key].append(rcpt)
         if len(data) > WIRE_FORM_IN_THREAD:
             wire = await self.run_in_thread(wire_form, data)
         else:
             wire = wire_form(data)
-        message = _Message(sender, data, wire)
+        message = _Message(sender, data, wire, smtputf8)
         ds = [defer.Deferred.fromCoroutine(self._deliver_group(queue_id, route, domain, rcpts, message))
               for (route, domain), rcpts in groups.items()]
         results = await defer.gatherResults(ds, consumeErrors=True)
@@ -511,8 +646,8 @@ class Deliverer:
 
     def _session(self, hop: _Hop, message: "_Message", recipients, tls_context) -> defer.Deferred:
         attempt = _Attempt(self.reactor, hop, message.sender, list(recipients), message.wire, message.eight_bit,
-                           self.hostname, tls_context, self.command_timeout)
-        self.reactor.connectTCP(hop.ip, hop.port, attempt, timeout=self.connect_timeout)
+                           self.hostname, tls_context, self.timeouts, message.smtputf8)
+        self.reactor.connectTCP(hop.ip, hop.port, attempt, timeout=self.timeouts.connect)
         return attempt.result
 
     async def _next_hops(self, route: Route, domain: str) -> tuple[list[_Hop], Optional[_Problem]]:
@@ -597,8 +732,9 @@ def _quote(text: str) -> str:
 class _Message:
     """The bytes of one message in the two forms delivery needs, made once."""
 
-    def __init__(self, sender: str, data: bytes, wire: bytes):
+    def __init__(self, sender: str, data: bytes, wire: bytes, smtputf8: bool = False):
         self.sender = sender
         self.data = data
         self.wire = wire
         self.eight_bit = not data.isascii()
+        self.smtputf8 = smtputf8

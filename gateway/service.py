@@ -10,11 +10,13 @@ SIGUSR1 flushes the queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 log = logging.getLogger("mailgate.service")
 
@@ -51,10 +53,49 @@ def setup_logging(level: str = "info") -> None:
     globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
 
 
+class CannotListen(Exception):
+    """A listen address cannot be bound: `mailgate run` exits 1 naming it,
+    before it has touched the spool or started a delivery process."""
+
+
+# What a running gateway cannot swap: its sockets are bound, its spool and
+# delivery process are set up, its store holds live state (greylist, counters).
+NEEDS_RESTART = ("server.listen", "queue.dir", "queue.delivery_process", "store")
+
+
+def _setting(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def needs_restart(running, new) -> list[str]:
+    """The NEEDS_RESTART keys whose value in ``new`` differs from what runs."""
+    return [key for key in NEEDS_RESTART if _setting(running, key) != _setting(new, key)]
+
+
+def changed_sections(old, new) -> list[str]:
+    return [name for name in type(new).model_fields if getattr(old, name, None) != getattr(new, name)]
+
+
+@dataclass
+class Front:
+    """What a new SMTP session is given, all built from one config before any
+    of it is swapped in: a file that cannot be read refuses the whole config."""
+
+    runtime: Any
+    tls_context: Any  # None: no STARTTLS
+    users: dict
+    auth: bool  # AUTH offered (a users_file is configured)
+    services: Any
+
+
 class Gateway:
     def __init__(self, config, config_path: Optional[str], reactor, source: Optional[bytes] = None):
         from twisted.internet.threads import deferToThreadPool
 
+        from gateway.auth import UsersFileChecker, make_portal
         from gateway.plugins import Services, discover
         from gateway.resolver import Resolver
 
@@ -70,14 +111,24 @@ class Gateway:
             return deferToThreadPool(reactor, pool, fn, *args, **kw)
 
         self.run_in_thread = run_in_thread
-        self.resolver = Resolver.from_config(config.dns)
-        self.services = Services(reactor=reactor, resolver=self.resolver, store=self._make_store(config),
-                                 run_in_thread=run_in_thread, log=logging.getLogger("mailgate.check"))
+        self.services = Services(reactor=reactor, resolver=Resolver.from_config(config.dns),
+                                 store=self._make_store(config), run_in_thread=run_in_thread,
+                                 log=logging.getLogger("mailgate.check"))
+        # one checker and portal for the gateway's life; a reload replaces the users.
+        # Passwords are checked in their own low-priority threads: a flood of
+        # AUTH attempts then costs spare CPU, never the reactor's
+        self.checker = UsersFileChecker(password_pool(reactor))
+        self.portal = make_portal(self.checker)
         self.config = config
+        self.started_with = config  # what the restart-only settings really are
         self.ports = []
         self.factory = None
         self.queue = None  # DeliveryAgent (a child process delivers) or QueueManager
         self.stopping = False
+
+    @property
+    def resolver(self):
+        return self.services.resolver
 
     @staticmethod
     def _make_store(config):
@@ -85,65 +136,116 @@ class Gateway:
 
         return from_config(config)
 
+    @property
+    def label(self) -> str:
+        return self.config_path or "(embedded default)"
+
+    # --- what sessions see ---------------------------------------------------------
+
+    def _build_front(self, config) -> Front:
+        from gateway import config as cfg
+        from gateway.auth import users_of
+        from gateway.runtime import build_runtime
+
+        cfg.check_files(config, self.label)
+        tls_context = server_tls(config.server)
+        users = users_of(config.auth)
+        services = self._services_for(config.dns)
+        # last: the checks hold resources, and nothing after this can fail
+        runtime = build_runtime(config, self.catalogue, services)
+        return Front(runtime, tls_context, users, bool(config.auth.users_file), services)
+
+    def _services_for(self, dns):
+        """The running Services, or a copy with a new resolver when [dns] changed
+        (the checks built with it ask the new servers; the old go with the old checks)."""
+        from gateway.resolver import Resolver
+
+        if dns == self.config.dns:
+            return self.services
+        return dataclasses.replace(self.services, resolver=Resolver.from_config(dns))
+
+    def _apply(self, front: Front) -> None:
+        """Swaps what the factory hands new sessions; on the reactor thread with
+        no wait in between, so no connection sees half of it."""
+        self.checker.replace(front.users)
+        self.services = front.services
+        self.factory.runtime = front.runtime
+        self.factory.tls_context = front.tls_context
+        self.factory.portal = self.portal if front.auth else None
+
+    # the factory exists before the queue (ports are bound first): it reaches the queue through these
+    def _enqueue(self, entry, data):
+        return self.queue.enqueue(entry, data)
+
+    def _quarantine(self, entry, data, verdict):
+        return self.queue.quarantine(entry, data, verdict)
+
     # --- start -----------------------------------------------------------------
 
     def start(self):
-        from twisted.internet import endpoints
-
-        from gateway import config as cfg
-        from gateway.auth import make_portal
-        from gateway.deliverd import DeliveryAgent
-        from gateway.delivery import Deliverer
-        from gateway.queue import QueueManager
-        from gateway.runtime import build_runtime
+        """Raises MailGateError for a config it cannot use, CannotListen for an
+        address it cannot bind: in both cases before the spool is touched."""
+        from gateway.pipeline import as_deferred
+        from gateway.sasl import AuthGuard
         from gateway.smtp import GatewayFactory
         from gateway.spool import Spool
 
         config = self.config
-        runtime = build_runtime(config, self.catalogue, self.services)
+        front = self._build_front(config)
+        self.factory = GatewayFactory(front.runtime, self.reactor, enqueue=self._enqueue,
+                                      quarantine=self._quarantine, run_in_thread=self.run_in_thread,
+                                      auth_guard=AuthGuard(self.services.store, as_deferred))
+        self._apply(front)
+        # bind before anything else: a second instance on a taken port must not
+        # clean the first one's tmp files, take its pid file or work its queue
+        self.ports = self._listen_all(config.server.listen)
         spool = Spool(config.queue.dir)
         self._write_pid(spool.root)
-        spool.clean_tmp()  # before we listen: nothing of ours can be half-written yet
-        if config.queue.delivery_process:
-            if self.source is None:
-                self.source = cfg.load_with_source(self.config_path, self.catalogue.sections)[1]
-            self.queue = DeliveryAgent(spool, self.reactor, self.run_in_thread, self.source)
-        else:
-            deliverer = Deliverer(
-                reactor=self.reactor, resolver=self.resolver, routes=config.routes,
-                hostname=config.server.hostname, connect_timeout=config.queue.connect_timeout,
-                tls_client_context_factory=client_tls(), run_in_thread=self.run_in_thread,
-            )
-            self.queue = QueueManager(spool, deliverer, self.reactor, self.run_in_thread, config.queue,
-                                      config.server.hostname, clean_tmp=False)
-        portal, challengers = make_portal(config.auth.users_file)
-        self.factory = GatewayFactory(
-            runtime, self.reactor, enqueue=self.queue.enqueue, quarantine=self.queue.quarantine,
-            portal=portal, challengers=challengers, tls_context=_server_tls(config.server),
-        )
-        for hp in config.server.listen:
-            host = "::" if hp.host == "*" else hp.host
-            iface = host.replace(":", r"\:")
-            ep = endpoints.serverFromString(self.reactor, f"tcp:{hp.port}:interface={iface}:backlog=1024")
-            ep.listen(self.factory).addCallbacks(self._listening, self._listen_failed, callbackArgs=(hp,),
-                                                 errbackArgs=(hp,))
+        spool.clean_tmp()  # nothing is served before reactor.run: nothing of ours can be half-written yet
+        self.queue = self._make_queue(config, spool)
         self.queue.start()
         # after reactor.run has installed Twisted's own handlers (SIGCHLD
         # reaps the delivery process), ours replace its SIGTERM/SIGINT
         self.reactor.callWhenRunning(self._install_signals)
         routes = ", ".join(f"{k} -> {v}" for k, v in config.routes.items())
-        log.info("mailgate starting: config=%s hostname=%s domains=%s routes: %s",
-                 self.config_path or "(embedded default)", config.server.hostname,
-                 ",".join(config.relay.domains) or "-", routes)
+        log.info("mailgate starting: config=%s hostname=%s domains=%s routes: %s", self.label,
+                 config.server.hostname, ",".join(config.relay.domains) or "-", routes)
 
-    def _listening(self, port, hp):
-        self.ports.append(port)
-        log.info("listening on %s", hp)
+    def _make_queue(self, config, spool):
+        from gateway import config as cfg
+        from gateway.deliverd import DeliveryAgent
+        from gateway.delivery import Deliverer, Timeouts
+        from gateway.queue import QueueManager
 
-    def _listen_failed(self, failure, hp):
-        log.error("cannot listen on %s: %s", hp, failure.getErrorMessage())
-        self.exit_code = 1
-        self.reactor.stop()
+        if config.queue.delivery_process:
+            if self.source is None:
+                self.source = cfg.load_with_source(self.config_path, self.catalogue.sections)[1]
+            return DeliveryAgent(spool, self.reactor, self.run_in_thread, self.source)
+        deliverer = Deliverer(
+            reactor=self.reactor, resolver=self.resolver, routes=config.routes,
+            hostname=config.server.hostname, timeouts=Timeouts.from_settings(config.queue),
+            tls_client_context_factory=client_tls(), run_in_thread=self.run_in_thread,
+        )
+        return QueueManager(spool, deliverer, self.reactor, self.run_in_thread, config.queue,
+                            config.server.hostname, clean_tmp=False)
+
+    def _listen_all(self, addresses) -> list:
+        """Binds every address now (listenTCP binds at once, before the reactor
+        runs), or none: CannotListen names the first that failed."""
+        from twisted.internet.error import CannotListenError
+
+        ports = []
+        for hp in addresses:
+            try:
+                ports.append(self.reactor.listenTCP(hp.port, self.factory, backlog=1024,
+                                                    interface="::" if hp.host == "*" else hp.host))
+            except CannotListenError as e:
+                for port in ports:
+                    port.stopListening()
+                reason = getattr(e.socketError, "strerror", None) or e.socketError
+                raise CannotListen(f"cannot listen on {hp}: {reason}") from None
+            log.info("listening on %s", hp)
+        return ports
 
     def _write_pid(self, root: str):
         self.pid_path = os.path.join(root, "mailgate.pid")
@@ -164,29 +266,46 @@ class Gateway:
     def reload(self):
         from gateway import config as cfg
         from gateway.errors import MailGateError
-        from gateway.runtime import build_runtime
 
         try:
             new, source = cfg.load_with_source(self.config_path, self.catalogue.sections)
-            runtime = build_runtime(new, self.catalogue, self.services)
+            front = self._build_front(new)
         except MailGateError as e:
             log.error("reload refused, keeping the running config: %s", e)
             return
         except Exception:
             log.exception("reload failed, keeping the running config")
             return
-        old = self.factory.runtime
-        self.factory.runtime = runtime
-        self.config = new
-        self.source = source
-        if hasattr(self.queue, "reload"):
-            self.queue.reload(source)
-        else:
-            self.queue.settings = new.queue
-            self.queue.deliverer.routes = new.routes
-        log.info("reloaded config=%s threshold=%s", self.config_path or "(embedded default)", new.spam.threshold)
+        old, old_runtime = self.config, self.factory.runtime
+        self._apply(front)
+        self._reload_queue(new, source)
+        logging.getLogger().setLevel(new.log.level.upper())
+        self.config, self.source = new, source
+        self._log_reloaded(old, new, front)
         # sessions that started before keep the old checks until they end
-        self.reactor.callLater(SHUTDOWN_GRACE * 20, old.close)
+        self.reactor.callLater(SHUTDOWN_GRACE * 20, old_runtime.close)
+
+    def _reload_queue(self, new, source: bytes) -> None:
+        from gateway.deliverd import DeliveryAgent
+
+        if isinstance(self.queue, DeliveryAgent):  # the delivery process re-reads the running config
+            self.queue.reload(source)
+            return
+        from gateway.delivery import Timeouts
+
+        self.queue.settings = new.queue  # as the delivery process does (gateway/deliverd.py)
+        self.queue.hostname = new.server.hostname
+        deliverer = self.queue.deliverer
+        deliverer.timeouts = Timeouts.from_settings(new.queue)
+        deliverer.routes, deliverer.resolver, deliverer.hostname = new.routes, self.resolver, new.server.hostname
+
+    def _log_reloaded(self, old, new, front: Front) -> None:
+        restart = needs_restart(self.started_with, new)
+        tls = new.server.tls_certificate if front.tls_context is not None else "off"
+        users = f"{len(front.users)} users" if front.auth else "off"
+        log.info("reloaded config=%s threshold=%s changed=%s tls=%s auth=%s%s", self.label, new.spam.threshold,
+                 ",".join(changed_sections(old, new)) or "-", tls, users,
+                 f"; needs a restart: {', '.join(restart)} (running as before)" if restart else "")
 
     # --- shutdown ----------------------------------------------------------------
 
@@ -241,7 +360,48 @@ class Gateway:
             self.reactor.stop()
 
 
-def _server_tls(server):
+PASSWORD_THREADS = 2  # at most this many PBKDF2 checks at once (the machine's cores, not more)
+PASSWORD_NICE = 10  # their threads' nice value: the reactor, at 0, wins any contest for a core
+
+
+def password_pool(reactor):
+    """``run_in_thread`` for password checks: a pool of its own, whose
+    threads lower their own priority, started at the first check (so a
+    gateway that never ran its reactor has no threads to wait for at exit)
+    and stopped with the reactor.
+
+    Linux's setpriority() takes a thread id and sets that thread alone (a
+    documented departure from POSIX); elsewhere the threads keep the
+    process's priority and only the pool size bounds them.
+    """
+    import threading
+
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    pools: list[ThreadPool] = []
+    lowered = threading.local()
+
+    def nice_then(fn, *args, **kw):
+        if not getattr(lowered, "done", False):
+            lowered.done = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PASSWORD_NICE)
+            except (AttributeError, OSError) as e:
+                log.warning("password threads keep normal priority: %s", e)
+        return fn(*args, **kw)
+
+    def run(fn, *args, **kw):
+        if not pools:
+            pools.append(ThreadPool(1, PASSWORD_THREADS, name="mailgate-password"))
+            pools[0].start()
+            reactor.addSystemEventTrigger("during", "shutdown", pools[0].stop)
+        return deferToThreadPool(reactor, pools[0], nice_then, fn, *args, **kw)
+
+    return run
+
+
+def server_tls(server):
     if not server.tls_certificate:
         return None
     from twisted.internet import ssl
@@ -273,7 +433,10 @@ def run(config, config_path: Optional[str], source: Optional[bytes] = None) -> i
     reactor = install_reactor()
     setup_logging(config.log.level)
     gateway = Gateway(config, config_path, reactor, source)
-    gateway.exit_code = 0
-    gateway.start()  # raises MailGateError for a config it cannot use
+    try:
+        gateway.start()  # raises MailGateError for a config it cannot use
+    except CannotListen as e:
+        log.error("%s; exiting, no delivery process started", e)
+        return 1
     reactor.run()
-    return gateway.exit_code
+    return 0

@@ -1,15 +1,30 @@
-"""The ESMTP front door, built on Twisted's ``twisted.mail.smtp.ESMTP``.
+"""The ESMTP protocol: bytes in, commands out; typed outcomes in, replies out.
 
-Twisted's class gives us the transport plumbing, the idle timeout
-(``TimeoutMixin``), STARTTLS and the SASL challengers.  We take over command
-dispatch so that:
+It speaks SMTP and nothing else.  Judging and committing are the
+transaction runner's (``gateway/transaction.py``); what happened is told by
+the runner's events.  What this module owns:
 
-- commands are handled strictly one at a time, in order, even when the
-  client pipelines and a check answers asynchronously (RFC 2920);
-- every reply carries an enhanced status code (RFC 3463), and this module is
-  the one place where typed outcomes become reply lines;
-- the message is judged at end of DATA and 250 is sent only once it is
-  durably spooled.
+- Input is one bounded buffer consumed by offset, never by copying the rest
+  (a 2 MiB pipelined flood costs linear time, not quadratic).  A command
+  line is searched for only within its length limit, DATA only from where
+  the last search stopped.
+- Commands are handled one at a time, in order, even when a check answers
+  later (RFC 2920).  While one waits, at most ``MAX_BACKLOG`` octets are
+  buffered; then the socket is not read until the backlog drains, and the
+  kernel's window pushes back on the client.  The same happens while the
+  client does not read our replies (we are the transport's producer).
+- One reactor turn handles at most ``COMMANDS_PER_TURN`` commands of a
+  client, so a client that pipelines thousands of NOOPs in one write shares
+  the reactor with the others instead of holding it.
+- Every limit is a deadline (Postfix's smtpd_per_request_deadline): a
+  command must be complete within ``idle_timeout`` of the previous reply
+  however its bytes trickle in; DATA within ``idle_timeout`` plus one second
+  per ``min_data_rate`` octets; a session within ``max_session_time``.
+- STARTTLS forgets everything learned before it (RFC 3207 4.2), including
+  AUTH, and discards anything pipelined after it (CVE-2011-0411).
+- AUTH (RFC 4954) with our own SASL parsing (``gateway/sasl.py``), lines of
+  up to 12,288 octets, a delay before each 535, a failure limit per
+  connection and one per client address.
 """
 
 from __future__ import annotations
@@ -17,25 +32,39 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import re
+import unicodedata
 from typing import Callable, Optional
 
 from twisted.cred import error as cred_error
-from twisted.internet import defer, protocol
-from twisted.mail import smtp
+from twisted.internet import defer, interfaces, protocol
+from twisted.mail import smtp as twisted_smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway import address as addr
+from gateway import sasl
 from gateway.errors import Reject, Reply, TempFail
-from gateway.headers import received_header
-from gateway.records import Action, Envelope, Message, Recipient, Result, Session, Stage, Transaction
-from gateway.spool import QueueEntry, RecipientState, new_queue_id
+from gateway.events import default_sink
+from gateway.records import Envelope, Recipient, Session, Stage, Transaction
+from gateway.spool import new_queue_id
+from gateway.transaction import SPOOL_TROUBLE, TransactionRunner
 
 log = logging.getLogger("mailgate.smtp")
-msglog = logging.getLogger("mailgate.message")
 
 MAX_COMMAND_LINE = 1000  # octets including CRLF, RFC 5321 4.5.3.1.4
+MAX_AUTH_LINE = 12288  # RFC 4954 4: an AUTH command or response line
 MAX_BAD_COMMANDS = 20  # then 421, as Postfix's smtpd_hard_error_limit
+MAX_BACKLOG = 32 * 1024  # unanswered pipelined input we hold before we stop reading
+COMMANDS_PER_TURN = 50  # then the next client gets the reactor
+DATA_SLACK = 4096  # room over max_message_size for our Received header and dot-stuffing
+# A DATA read smaller than this pauses reading for COALESCE_FOR seconds, so
+# that the kernel gathers the next segments into one read: a client that
+# dribbles its message in tiny writes then costs a few reads, not one per
+# write (each read costs the reactor tens of microseconds).  A fast sender's
+# reads are large and never wait; a slow one loses nothing, its data waits
+# in the socket buffer.
+COALESCE_BELOW = 8192
+COALESCE_FOR = 0.03
 
 # Reply texts used in more than one place; codes per RFC 5321 / 3463.
 BAD_SEQUENCE_HELO = Reject(503, "5.5.1", "Error: send HELO/EHLO first")
@@ -46,62 +75,109 @@ UNKNOWN_COMMAND = Reject(500, "5.5.1", "Error: command not recognized")
 LINE_TOO_LONG = Reject(500, "5.5.2", "Error: line too long")
 BARE_LF = Reject(500, "5.5.2", "Error: bare <LF> received")
 NUL_IN_COMMAND = Reject(500, "5.5.2", "Error: NUL character in command")
+NOT_UTF8 = Reject(501, "5.5.2", "Error: non-UTF-8 characters in command")
 TOO_MANY_RECIPIENTS = TempFail(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reject(552, "5.3.4", "Error: message size exceeds fixed limit")
-RELAY_DENIED = Reject(554, "5.7.1", "Relay access denied")
 BAD_SENDER = Reject(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reject(501, "5.1.3", "Bad recipient address syntax")
+NEEDS_SMTPUTF8 = Reject(553, "5.6.7", "Error: non-ASCII address requires the SMTPUTF8 parameter")
 TOO_MANY_CONNECTIONS = TempFail(421, "4.7.0", "Error: too many connections, try again later")
 TOO_MANY_ERRORS = TempFail(421, "4.7.0", "Error: too many errors")
 IDLE_TIMEOUT = TempFail(421, "4.4.2", "Error: timeout exceeded")
+SESSION_TOO_LONG = TempFail(421, "4.4.2", "Error: session time limit exceeded")
 SHUTTING_DOWN = TempFail(421, "4.3.2", "Service shutting down, try again later")
-SPOOL_TROUBLE = TempFail(451, "4.3.0", "Error: queue file write error, try again later")
 INTERNAL_ERROR = TempFail(451, "4.3.0", "Internal error, try again later")
+OK = Reply(250, "2.0.0", "Ok")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_NOT_AVAILABLE = TempFail(454, "4.7.0", "TLS not available")
 ENCRYPTION_REQUIRED = Reject(538, "5.7.11", "Encryption required for requested authentication mechanism")
+UNSUPPORTED_MECHANISM = Reject(504, "5.5.4", "Error: unsupported authentication mechanism")
+ALREADY_AUTHENTICATED = Reject(503, "5.5.1", "Error: already authenticated")
+AUTH_IN_TRANSACTION = Reject(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_ABORTED = Reject(501, "5.7.0", "Authentication aborted")
+AUTH_NOT_BASE64 = Reject(501, "5.5.2", "Error: cannot decode response")
+AUTH_FAILED = Reject(535, "5.7.8", "Error: authentication failed")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_UNAVAILABLE = TempFail(454, "4.7.0", "Temporary authentication failure")
 
-# Twisted's STARTTLS/AUTH code calls sendCode itself; these are the enhanced
-# codes its replies deserve.
-_TWISTED_CODES = {220: "2.0.0", 235: "2.7.0", 454: "4.7.0", 501: "5.5.4", 503: "5.5.1",
-                  504: "5.5.4", 535: "5.7.8", 451: "4.3.0"}
-_ENHANCED = re.compile(rb"^\d\.\d{1,3}\.\d{1,3}( |$)")
 _HTTP_VERBS = {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"}
-_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 COMMAND, DATA, AUTH, CLOSED = "COMMAND", "DATA", "AUTH", "CLOSED"
 
 
-class GatewaySMTP(smtp.ESMTP):
+def _unstuff(content: bytes) -> bytes:
+    """DATA as sent -> the message: dot-stuffing undone, NULs dropped, bare CR/LF made CRLF."""
+    if content.startswith(b".") or b"\n." in content:
+        if content.startswith(b".."):
+            content = content[1:]
+        content = content.replace(b"\r\n..", b"\r\n.")
+    if b"\x00" in content:
+        content = content.replace(b"\x00", b"")
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return content
+
+
+def helo_name(text: str) -> Optional[str]:
+    """The first word of a HELO/EHLO argument, or None if there is none.
+
+    Words are split at ASCII space only: a Unicode space (U+00A0, U+2003) or a
+    control character is not a separator but a sign of a broken or hostile
+    client, and the argument is refused.
+    """
+    name = text.strip(" ").split(" ", 1)[0]
+    if not name or any(unicodedata.category(ch)[0] in "CZ" for ch in name):
+        return None
+    return name
+
+
+@implementer(interfaces.IPushProducer)
+class SMTPServer(protocol.Protocol):
     """One per connection.  ``factory`` is the ``GatewayFactory``."""
 
     def __init__(self, factory: "GatewayFactory"):
-        super().__init__(chal=dict(factory.challengers), contextFactory=factory.tls_context)
         self.factory = factory
-        self.callLater = factory.reactor.callLater  # TimeoutMixin's clock: injectable
-        self.portal = factory.portal
+        self.clock = factory.reactor
         self.runtime = factory.runtime  # a snapshot: a reload never changes a session midway
-        self.host = self.runtime.config.server.hostname.encode()
-        self.timeout = self.runtime.config.server.idle_timeout
+        self.portal = factory.portal
+        self.tls_context = factory.tls_context
+        self.runner = TransactionRunner(self.runtime, self.clock, factory, factory.events, factory.run_in_thread)
+        server = self.runtime.config.server
+        self.host = server.hostname
+        self.timeout = server.idle_timeout
         self.mode = COMMAND
-        self._buf = b""
-        self._busy = False
+        self._buf = bytearray()
+        self._pos = 0  # input before this offset is consumed
+        self._skipping_long_line = False
+        self._data = bytearray()
+        self._data_oversize = False
+        self._data_deadline_base = 0.0
+        self._busy = False  # a command waits for its outcome; later input waits its turn
         self._in_process = False
+        self._pauses: set[str] = set()  # "consumer" (our replies back up), "turn" (fairness)
+        self._reading_paused = False
+        self._coalesce_call = None  # reading paused while small DATA segments gather
+        self._turn_call = None
+        self._deadline: Optional[float] = None
+        self._deadline_call = None
+        self._session_call = None
+        self._greet_call = None
         self._greeted = False
         self._early_talker = False
-        self._skipping_long_line = False
-        self._data_oversize = False
         self._bad_commands = 0
+        self._auth_failures = 0
+        self._mechanism = None
         self.session: Optional[Session] = None
         self.envelope: Optional[Envelope] = None
         self._txn: Optional[Transaction] = None
         self._pre_mail: defer.Deferred = defer.succeed(None)
-        self._greet_call = None
         self._conn_state: dict = {}  # what connect/helo checks learned (e.g. the verified rDNS name)
 
     # --- connection ----------------------------------------------------------
 
     def connectionMade(self):
         peer, local = self.transport.getPeer(), self.transport.getHost()
-        self.canStartTLS = self.ctx is not None and hasattr(self.transport, "startTLS")
         self.session = Session(
             queue_id=new_queue_id(), peer_ip=str(getattr(peer, "host", "")),
             peer_port=int(getattr(peer, "port", 0) or 0), local_ip=str(getattr(local, "host", "")),
@@ -112,13 +188,15 @@ class GatewaySMTP(smtp.ESMTP):
             self._send(TOO_MANY_CONNECTIONS)
             self._close()
             return
-        self.setTimeout(self.timeout)
-        connect = self._run_stage(Stage.CONNECT, Transaction(self.session, state=self._conn_state))
+        self.transport.registerProducer(self, True)
+        self._session_call = self.clock.callLater(self.runtime.config.server.max_session_time, self._too_long)
+        connect = self.runner.run_stage(Stage.CONNECT, Transaction(self.session, state=self._conn_state))
         connect.addCallback(self.session.results.extend)
         self._pre_mail = connect
         pause = self.runtime.config.server.greet_pause
         if pause > 0:
-            self._greet_call = self.factory.reactor.callLater(pause, self._greet)
+            self._greet_call = self.clock.callLater(pause, self._greet)
+            self._expect_command()
         else:
             self._greet()
 
@@ -130,93 +208,109 @@ class GatewaySMTP(smtp.ESMTP):
             self._close()
             return
         self._greeted = True
-        self.sendLine(b"220 " + self.host + b" ESMTP MailGate")
+        self._send(Reply(220, "", f"{self.host} ESMTP MailGate"))
+        self._expect_command()
         self._process()
 
     def connectionLost(self, reason=protocol.connectionDone):
-        self.setTimeout(None)
-        if self._greet_call is not None and self._greet_call.active():
-            self._greet_call.cancel()
         if self.mode == DATA:
             log.info("queue_id=%s client=%s lost connection during DATA; nothing queued",
                      self.envelope.queue_id if self.envelope else "-", self.session.peer_ip)
         self.mode = CLOSED
-        self._buf = b""
-        self.factory.release(self)
-
-    def timeoutConnection(self):
-        self._send(IDLE_TIMEOUT)
-        self._close()
+        self._buf, self._pos, self._data = bytearray(), 0, bytearray()
+        self._deadline = None
+        for call in (self._greet_call, self._deadline_call, self._session_call, self._turn_call,
+                     self._coalesce_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self.session is not None:
+            self.session.closed = True
+            self.factory.release(self)
 
     def _close(self):
         self.mode = CLOSED
+        self._deadline = None
         self.transport.loseConnection()
+
+    # --- deadlines -----------------------------------------------------------
+
+    def _expect_command(self):
+        """The client owes us a command: it must be complete within idle_timeout."""
+        self._set_deadline(self.clock.seconds() + self.timeout)
+
+    def _set_deadline(self, when: Optional[float]) -> None:
+        """One timer, moved lazily: a later deadline is noticed when the
+        timer fires, so the per-chunk cost in DATA is an assignment."""
+        self._deadline = when
+        if when is None:
+            return
+        call = self._deadline_call
+        if call is None or not call.active():
+            self._deadline_call = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._deadline_due)
+        elif call.getTime() > when:
+            call.reset(max(0.0, when - self.clock.seconds()))
+
+    def _deadline_due(self):
+        self._deadline_call = None
+        if self._deadline is None or self.mode == CLOSED:
+            return
+        left = self._deadline - self.clock.seconds()
+        if left > 0:
+            self._deadline_call = self.clock.callLater(left, self._deadline_due)
+            return
+        log.info("queue_id=%s client=%s timeout=%s", self.session.queue_id, self.session.peer_ip,
+                 "DATA" if self.mode == DATA else "command")
+        self._send(IDLE_TIMEOUT)
+        self._close()
+
+    def _too_long(self):
+        self._session_call = None
+        if self.mode == CLOSED:
+            return
+        log.info("queue_id=%s client=%s timeout=session", self.session.queue_id, self.session.peer_ip)
+        self._send(SESSION_TOO_LONG)
+        self._close()
+
+    # --- flow control --------------------------------------------------------
+
+    def pauseProducing(self):
+        """The transport's write buffer is full: the client is not reading our replies."""
+        self._pauses.add("consumer")
+        self._update_reading()
+
+    def resumeProducing(self):
+        self._pauses.discard("consumer")
+        self._process()
+
+    def stopProducing(self):
+        pass  # connectionLost follows
+
+    def _backlog(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _update_reading(self):
+        if self.mode == CLOSED or self.transport is None:
+            return
+        pause = bool(self._pauses) or self._backlog() > MAX_BACKLOG or self._coalesce_call is not None
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            (self.transport.pauseProducing if pause else self.transport.resumeProducing)()
+
+    def _yield_turn(self):
+        self._pauses.add("turn")
+        self._turn_call = self.clock.callLater(0, self._next_turn)
+
+    def _next_turn(self):
+        self._turn_call = None
+        self._pauses.discard("turn")
+        self._process()
 
     # --- replies -------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        if self.transport is None or self.transport.disconnecting and self.mode == CLOSED:
+        if self.transport is None or self.mode == CLOSED:
             return
         self.transport.writeSequence([line + b"\r\n" for line in reply.lines()])
-
-    def sendCode(self, code, message=b""):
-        """Twisted's own STARTTLS/AUTH replies, given enhanced codes."""
-        text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
-        enhanced = "" if code == 334 or _ENHANCED.match(message if isinstance(message, bytes) else b"") else \
-            _TWISTED_CODES.get(code, f"{code // 100}.0.0")
-        self._send(Reply(code, enhanced, text))
-
-    # --- input ---------------------------------------------------------------
-
-    def dataReceived(self, data: bytes):
-        if self.mode == CLOSED:
-            return
-        self.resetTimeout()
-        if not self._greeted:
-            self._early_talker = True
-            self._buf += data
-            return
-        self._buf += data
-        self._process()
-
-    def _process(self):
-        """Handle buffered input, one command at a time."""
-        if self._in_process:
-            return  # the loop below is already running further up the stack
-        self._in_process = True
-        try:
-            self._process_loop()
-        finally:
-            self._in_process = False
-
-    def _process_loop(self):
-        while not self._busy and self.mode != CLOSED and self._buf:
-            if self.mode == DATA:
-                if not self._data_chunk():
-                    return
-                continue
-            idx = self._buf.find(b"\r\n")
-            if self._skipping_long_line:
-                if idx < 0:
-                    self._buf = b""
-                    return
-                self._buf = self._buf[idx + 2:]
-                self._skipping_long_line = False
-                continue
-            if idx < 0:
-                if len(self._buf) > MAX_COMMAND_LINE:
-                    self._buf = b""
-                    self._skipping_long_line = True
-                    self._error(LINE_TOO_LONG)
-                return
-            line, self._buf = self._buf[:idx], self._buf[idx + 2:]
-            if len(line) + 2 > MAX_COMMAND_LINE:
-                self._error(LINE_TOO_LONG)
-                continue
-            if self.mode == AUTH:
-                self.state_AUTH(line.strip())
-                continue
-            self._command(line)
 
     def _error(self, reply: Reply) -> None:
         self._bad_commands += 1
@@ -226,34 +320,122 @@ class GatewaySMTP(smtp.ESMTP):
         else:
             self._send(reply)
 
+    # --- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes):
+        if self.mode == CLOSED:
+            return
+        if not self._greeted:
+            self._early_talker = True
+        self._buf += data
+        if self.mode == DATA and not self._busy:
+            # Postfix's smtpd_min_data_rate: each octet buys 1/rate seconds more
+            self._deadline = (self._deadline or self.clock.seconds()) + len(data) / self._min_data_rate
+            if len(data) < COALESCE_BELOW and self._coalesce_call is None:
+                self._coalesce_call = self.clock.callLater(COALESCE_FOR, self._coalesced)
+        self._process()
+
+    def _coalesced(self):
+        self._coalesce_call = None
+        self._update_reading()
+
+    @property
+    def _min_data_rate(self) -> int:
+        return self.runtime.config.server.min_data_rate
+
+    def _process(self):
+        """Handle buffered input, one command at a time, a bounded number per turn."""
+        if self._in_process:
+            return  # the loop is already running further up the stack
+        self._in_process = True
+        try:
+            budget = COMMANDS_PER_TURN
+            while self._ready() and self._step():
+                budget -= 1
+                if budget == 0:
+                    if self._backlog() and self.mode != CLOSED:
+                        self._yield_turn()
+                    break
+        finally:
+            self._in_process = False
+        self._compact()
+        self._update_reading()
+
+    def _ready(self) -> bool:
+        return (self._greeted and not self._busy and not self._pauses and self.mode != CLOSED
+                and self._pos < len(self._buf))
+
+    def _compact(self):
+        if self._pos and (self._pos == len(self._buf) or self._pos > MAX_BACKLOG):
+            del self._buf[:self._pos]
+            self._pos = 0
+
+    def _step(self) -> bool:
+        """Consume one command line or one piece of DATA; False when more input is needed."""
+        if self.mode == DATA:
+            return self._data_step()
+        buf, pos = self._buf, self._pos
+        if self._skipping_long_line:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                self._pos = len(buf)
+                return False
+            self._pos, self._skipping_long_line = end + 2, False
+            return True
+        limit = MAX_AUTH_LINE if self.mode == AUTH or buf[pos:pos + 5].upper() == b"AUTH " else MAX_COMMAND_LINE
+        end = buf.find(b"\r\n", pos, pos + limit)
+        if end < 0:
+            if len(buf) - pos >= limit:
+                # skip to the line's end; its CR may be the window's last octet
+                self._pos, self._skipping_long_line = pos + limit - 1, True
+                self._error(LINE_TOO_LONG)
+                self._expect_command()
+                return True
+            return False
+        line = bytes(buf[pos:end])
+        self._pos = end + 2
+        if self.mode == AUTH:
+            self._auth_response(line.strip())
+        else:
+            self._command(line)
+        if not self._busy and self.mode != DATA:
+            self._expect_command()
+        return True
+
     def _command(self, line: bytes) -> None:
         if b"\x00" in line:
             return self._error(NUL_IN_COMMAND)
         if b"\n" in line or b"\r" in line:
             return self._error(BARE_LF)
-        verb, _, rest = line.strip().partition(b" ")
+        verb, _, rest = line.strip(b" ").partition(b" ")
         verb = verb.upper()
         if verb in _HTTP_VERBS or verb.endswith(b":"):
             # a web browser or proxy talking to us: cross-protocol abuse
             log.info("client=%s dropped=non-SMTP command %r", self.session.peer_ip, verb[:20])
             return self._close()
-        handler = getattr(self, "smtp_" + verb.decode("ascii", "replace"), None)
+        handler = getattr(self, "smtp_" + verb.decode("ascii"), None) if verb.isalpha() and verb.isascii() \
+            else None
         if handler is None:
             return self._error(UNKNOWN_COMMAND)
         try:
-            text = rest.strip().decode("utf-8")
+            text = rest.strip(b" ").decode("utf-8")
         except UnicodeDecodeError:
-            return self._error(Reject(501, "5.5.2", "Error: non-UTF-8 characters in command"))
+            return self._error(NOT_UTF8)
         try:
             result = handler(text)
         except Exception:
-            log.exception("queue_id=%s command=%s failed", self.session.queue_id, verb)
+            log.exception("queue_id=%s command=%s failed", self.session.queue_id, verb.decode())
             self._send(INTERNAL_ERROR)
             return
         if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(self._internal_error)
-            result.addBoth(self._unbusy)
+            self._wait_for(result)
+
+    def _wait_for(self, d: defer.Deferred) -> None:
+        """Later input waits until ``d`` has answered; its failure is a 451."""
+        self._busy = True
+        self._deadline = None  # our side is working: the client owes nothing meanwhile
+        d.addErrback(self._internal_error)
+        d.addBoth(self._unbusy)
 
     def _internal_error(self, failure: Failure):
         qid = self.envelope.queue_id if self.envelope else self.session.queue_id
@@ -263,48 +445,53 @@ class GatewaySMTP(smtp.ESMTP):
 
     def _unbusy(self, _):
         self._busy = False
-        if self.mode != CLOSED:
-            self._process()
+        if self.mode == CLOSED:
+            return
+        if self.mode == DATA:
+            self._start_data_deadline()
+        else:
+            self._expect_command()
+        self._process()
 
-    # --- commands --------------------------------------------------------------
+    # --- session commands ------------------------------------------------------
 
     def _extensions(self) -> list[str]:
         cfg = self.runtime.config.server
-        ext = ["PIPELINING", f"SIZE {cfg.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
-        if self.canStartTLS and not self.startedTLS:
+        ext = ["PIPELINING", f"SIZE {cfg.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self.session.tls:
             ext.append("STARTTLS")
         mechs = self._auth_mechanisms()
-        if mechs and not self.authenticated:
+        if mechs and self.session.auth_user is None:
             ext.append("AUTH " + " ".join(mechs))
         return ext
 
+    def _auth_allowed_here(self) -> bool:
+        policy = self.runtime.config.auth.allow_without_tls
+        return self.session.tls or policy == "always" or (policy == "loopback" and self.session.is_loopback)
+
     def _auth_mechanisms(self) -> list[str]:
-        if self.portal is None:
+        if self.portal is None or not self._auth_allowed_here():
             return []
-        plain_ok = self.startedTLS or self.session.is_loopback
-        return [m for m in ("PLAIN", "LOGIN", "CRAM-MD5")
-                if m.encode() in self.challengers and (plain_ok or m == "CRAM-MD5")]
+        return list(sasl.MECHANISMS)
 
     def _hello(self, text: str, esmtp: bool):
-        if not text:
-            return self._send(Reject(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
+        name = helo_name(text)
+        if name is None:
+            return self._error(Reject(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
         self._reset_transaction()
-        self.session.helo, self.session.esmtp = text.split()[0], esmtp
-        helo = self._run_stage(Stage.HELO, Transaction(self.session, state=self._conn_state))
-        helo.addCallback(self._helo_results)
+        self.session.helo, self.session.esmtp = name, esmtp
+        helo = self.runner.run_stage(Stage.HELO, Transaction(self.session, state=self._conn_state))
+        helo.addCallback(self._helo_judged)
         self._pre_mail = defer.gatherResults([self._pre_mail, helo])
         if esmtp:
-            lines = [f"{self.host.decode()} Hello {text.split()[0]} [{self.session.peer_ip}]"] + self._extensions()
-            self.transport.writeSequence(
-                [f"250{'-' if i < len(lines) - 1 else ' '}{l}\r\n".encode() for i, l in enumerate(lines)]
-            )
+            lines = [f"{self.host} Hello {name} [{self.session.peer_ip}]"] + self._extensions()
+            self._send(Reply(250, "", "\n".join(lines)))
         else:
-            self.sendLine(b"250 " + self.host)
+            self._send(Reply(250, "", self.host))
 
-    def _helo_results(self, records):
-        # a repeated HELO replaces what the previous one earned
-        self.session.results = [r for r in self.session.results if getattr(r, "_stage", None) != "helo"]
-        self.session.results.extend(records)
+    def _helo_judged(self, records):
+        # a repeated HELO/EHLO (every STARTTLS client sends two) replaces what the previous one earned
+        self.session.helo_results = list(records)
 
     def smtp_HELO(self, text):
         return self._hello(text, esmtp=False)
@@ -313,11 +500,11 @@ class GatewaySMTP(smtp.ESMTP):
         return self._hello(text, esmtp=True)
 
     def smtp_NOOP(self, text):
-        self._send(Reply(250, "2.0.0", "Ok"))
+        self._send(OK)
 
     def smtp_RSET(self, text):
         self._reset_transaction()
-        self._send(Reply(250, "2.0.0", "Ok"))
+        self._send(OK)
 
     def smtp_QUIT(self, text):
         self._send(Reply(221, "2.0.0", "Bye"))
@@ -335,76 +522,129 @@ class GatewaySMTP(smtp.ESMTP):
         self._send(Reply(214, "2.0.0", "See RFC 5321"))
 
     def smtp_STARTTLS(self, text):
-        if not self.canStartTLS or self.startedTLS:
-            return self.ext_STARTTLS(text.encode())
+        if self.tls_context is None or self.session.tls:
+            return self._send(TLS_NOT_AVAILABLE if self.tls_context is None else
+                              Reject(503, "5.5.1", "Error: TLS already active"))
         if text:
             return self._send(Reject(501, "5.5.4", "Syntax: STARTTLS"))
+        self._send(READY_FOR_TLS)
         # RFC 3207 4.2 and CVE-2011-0411: discard anything pipelined after
-        # STARTTLS and forget everything learned before it.
-        self._buf = b""
-        self.ext_STARTTLS(b"")
+        # STARTTLS and forget everything the client told us before it
+        self._buf, self._pos = bytearray(), 0
+        self.transport.startTLS(self.tls_context)
         self.session.tls = True
-        self.session.helo = None
+        self.session.helo, self.session.esmtp, self.session.helo_results = None, False, []
+        self.session.auth_user = None
         self._reset_transaction()
+
+    # --- AUTH ----------------------------------------------------------------
 
     def smtp_AUTH(self, text):
         if self.session.helo is None or not self.session.esmtp:
             return self._send(BAD_SEQUENCE_HELO)
+        if self.session.auth_user is not None:
+            return self._send(ALREADY_AUTHENTICATED)
         if self.envelope is not None:
-            return self._send(Reject(503, "5.5.1", "Error: MAIL transaction in progress"))
-        mech = text.split(" ", 1)[0].upper()
-        if mech in ("PLAIN", "LOGIN") and not (self.startedTLS or self.session.is_loopback):
+            return self._send(AUTH_IN_TRANSACTION)
+        name, _, initial = text.partition(" ")
+        name = name.upper()
+        if self.portal is None or name not in sasl.MECHANISMS:
+            return self._send(UNSUPPORTED_MECHANISM)
+        if not self._auth_allowed_here():
             return self._send(ENCRYPTION_REQUIRED)
-        if mech not in self._auth_mechanisms():
-            if self.authenticated:
-                return self.ext_AUTH(text.encode())
-            return self._send(Reject(504, "5.5.4", "Error: unsupported authentication mechanism"))
-        self.ext_AUTH(text.encode())
+        guard = self.factory.auth_guard  # None: no limit per client address (tests of the exchange)
+        d = guard.blocked(self.session.ip, self.runtime.config.auth) if guard else defer.succeed(False)
+        return d.addCallback(self._auth_start, name, initial.strip(" "))
 
-    def state_AUTH(self, response):
-        """Twisted's challenge/response step, with the login made awaitable
-        so that pipelined commands wait for its outcome."""
-        if self.portal is None:
-            self.mode = COMMAND
-            return self.sendCode(454, b"Temporary authentication failure")
-        if response is None:
-            return self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
-        if response == b"*":
-            self.mode = COMMAND
-            return self._send(Reject(501, "5.7.0", "Authentication aborted"))
+    def _auth_start(self, blocked: bool, name: str, initial: str):
+        if blocked:
+            log.info("queue_id=%s client=%s auth=refused (too many failures from this address)",
+                     self.session.queue_id, self.session.peer_ip)
+            self._send(sasl.CLIENT_BLOCKED)
+            return self._close()
+        self._mechanism = sasl.new_mechanism(name, self.host)
+        if not initial:
+            return self._auth_step(None)
+        if initial == "=":  # RFC 4954 4: an empty initial response
+            return self._auth_step(b"")
+        decoded = self._decode_response(initial.encode("ascii", "replace"))
+        return None if decoded is None else self._auth_step(decoded)
+
+    def _auth_response(self, line: bytes) -> None:
+        """A line in answer to our 334 challenge."""
+        if line == b"*":
+            self._end_auth()
+            return self._send(AUTH_ABORTED)
+        decoded = self._decode_response(line)
+        if decoded is not None:
+            self._auth_step(decoded)
+
+    def _decode_response(self, data: bytes) -> Optional[bytes]:
         try:
-            decoded = base64.b64decode(response, validate=True)
-        except (TypeError, binascii.Error):
-            self.mode = COMMAND
-            return self._send(Reject(501, "5.5.2", "Cannot decode response"))
-        self.challenger.setResponse(decoded)
-        if self.challenger.moreChallenges():
-            return self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
-        self.mode = COMMAND
-        self._busy = True
-        d = self.portal.login(self.challenger, None, smtp.IMessageDelivery)
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            self._end_auth()
+            self._error(AUTH_NOT_BASE64)
+            return None
+
+    def _auth_step(self, response: Optional[bytes]):
+        try:
+            step = self._mechanism.step(response)
+        except sasl.SaslError as e:
+            self._end_auth()
+            return self._error(e.reply)
+        if isinstance(step, sasl.Challenge):
+            self.mode = AUTH
+            return self._send(Reply(334, "", base64.b64encode(step.data).decode("ascii")))
+        self._end_auth()
+        d = defer.maybeDeferred(self.portal.login, step, None, twisted_smtp.IMessageDelivery)
         d.addCallbacks(self._authenticated, self._auth_failed)
-        d.addBoth(self._unbusy)
+        if not self._busy:  # a response line; an initial response is inside AUTH's own wait
+            self._wait_for(d)
+        return d
+
+    def _end_auth(self):
+        self._mechanism = None
+        if self.mode == AUTH:
+            self.mode = COMMAND
 
     def _authenticated(self, login):
         _iface, avatar, _logout = login
-        self.authenticated = True
         self.session.auth_user = getattr(avatar, "username", str(avatar))
         log.info("queue_id=%s client=%s auth=%s", self.session.queue_id, self.session.peer_ip,
                  self.session.auth_user)
-        self._send(Reply(235, "2.7.0", "Authentication successful"))
+        self._send(AUTH_OK)
 
     def _auth_failed(self, failure):
-        if failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
-            log.info("queue_id=%s client=%s auth=failed", self.session.queue_id, self.session.peer_ip)
-            self._send(Reject(535, "5.7.8", "Error: authentication failed"))
-        else:
-            self._internal_error(failure)
+        if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+            log.error("queue_id=%s client=%s auth=error %s", self.session.queue_id, self.session.peer_ip,
+                      failure.getErrorMessage())
+            return self._send(AUTH_UNAVAILABLE)
+        self._auth_failures += 1
+        log.info("queue_id=%s client=%s auth=failed failures=%d", self.session.queue_id, self.session.peer_ip,
+                 self._auth_failures)
+        settings = self.runtime.config.auth
+        if self.factory.auth_guard is not None:
+            counted = self.factory.auth_guard.failed(self.session.ip, settings)
+            counted.addErrback(lambda f: log.error("auth failure count not stored: %s", f.getErrorMessage()))
+        delayed = defer.Deferred()
+        self.clock.callLater(settings.failure_delay, delayed.callback, None)
+        return delayed.addCallback(self._auth_failure_answered, settings.max_failures)
 
-    def _parse_path(self, text: str, keyword: str, bad_address: Reply):
+    def _auth_failure_answered(self, _, max_failures: int):
+        self._send(AUTH_FAILED)
+        if self._auth_failures >= max_failures:
+            self._send(sasl.TOO_MANY_FAILURES)
+            self._close()
+
+    # --- transaction commands --------------------------------------------------
+
+    def _parse_path(self, text: str, keyword: str, bad_address: Reply, utf8: bool,
+                    postmaster_domain: Optional[str] = None):
         """The path of MAIL FROM / RCPT TO, or None once the error is answered."""
         try:
-            return addr.parse_path(text, keyword, allow_null=keyword == "FROM")
+            return addr.parse_path(text, keyword, allow_null=keyword == "FROM", utf8=utf8,
+                                   postmaster_domain=postmaster_domain)
         except addr.AddressError as e:
             what = str(e)
             if what == "syntax":
@@ -412,6 +652,8 @@ class GatewaySMTP(smtp.ESMTP):
                 self._error(Reject(501, "5.5.4", f"Syntax: {verb} {keyword}:<address>"))
             elif what.startswith("parameter"):
                 self._send(Reject(555, "5.5.4", f"Unsupported option: {what[10:]}"))
+            elif what == "needs SMTPUTF8":
+                self._error(NEEDS_SMTPUTF8)
             else:
                 self._error(bad_address)
             return None
@@ -421,20 +663,23 @@ class GatewaySMTP(smtp.ESMTP):
             return self._send(BAD_SEQUENCE_HELO)
         if self.envelope is not None:
             return self._send(NESTED_MAIL)
-        path = self._parse_path(text, "FROM", BAD_SENDER)
+        path = self._parse_path(text, "FROM", BAD_SENDER, utf8=self.session.esmtp)
         if path is None:
-            return
+            return None
         reply = self._mail_params(path.params)
+        if reply is None and not path.address.isascii() and "SMTPUTF8" not in path.params:
+            reply = NEEDS_SMTPUTF8
         if reply is not None:
             return self._send(reply)
         self.session.transactions += 1
         qid = self.session.queue_id if self.session.transactions == 1 else new_queue_id()
-        envelope = Envelope(queue_id=qid, sender=path.address, sender_params=path.params)
+        envelope = Envelope(queue_id=qid, sender=path.address, sender_params=path.params,
+                            smtputf8="SMTPUTF8" in path.params)
         self.envelope = envelope
         self._txn = Transaction(self.session, envelope)
-        d = self._pre_mail.addCallback(lambda _: self._run_stage(Stage.MAIL, self._txn))
+        d = self._pre_mail.addCallback(lambda _: self.runner.judge_mail(self._txn))
         self._pre_mail = defer.succeed(None)
-        return d.addCallback(self._mail_judged, envelope)
+        return d.addCallback(self._mail_judged)
 
     def _mail_params(self, params: dict) -> Optional[Reply]:
         for key, value in params.items():
@@ -446,25 +691,30 @@ class GatewaySMTP(smtp.ESMTP):
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return Reject(501, "5.5.4", "Unsupported BODY type")
+            elif key == "SMTPUTF8":
+                if value is not None or not self.session.esmtp:
+                    return Reject(501, "5.5.4", "Bad SMTPUTF8 parameter")
             elif key != "AUTH":
                 return Reject(555, "5.5.4", f"Unsupported option: {key}")
         return None
 
-    def _mail_judged(self, records, envelope):
-        envelope.results.extend(records)
-        reply = self.runtime.scorer.decide_stage(records)
-        if reply is not None:
-            self._log_refusal(envelope, reply, "mail")
+    def _mail_judged(self, refusal: Optional[Reply]):
+        if refusal is not None:
             self._reset_transaction()
-            return self._send(reply)
+            return self._send(refusal)
         self._send(Reply(250, "2.1.0", "Ok"))
+
+    def _postmaster_domain(self) -> str:
+        domains = self.runtime.config.relay.domains
+        return domains[0] if domains else self.host
 
     def smtp_RCPT(self, text):
         if self.envelope is None:
             return self._send(BAD_SEQUENCE_MAIL)
-        path = self._parse_path(text, "TO", BAD_RECIPIENT)
+        path = self._parse_path(text, "TO", BAD_RECIPIENT, utf8=self.envelope.smtputf8,
+                                postmaster_domain=self._postmaster_domain())
         if path is None:
-            return
+            return None
         if path.params:
             return self._send(Reject(555, "5.5.4", f"Unsupported option: {next(iter(path.params))}"))
         if len(self.envelope.recipients) >= self.runtime.config.server.max_recipients:
@@ -472,21 +722,17 @@ class GatewaySMTP(smtp.ESMTP):
         mailbox = path.mailbox
         if path.had_route or not addr.relay_allowed(mailbox, self.runtime.local_domains, self.session.may_relay):
             if not (path.had_route and self.session.may_relay):
-                self._log_refusal(self.envelope, RELAY_DENIED, "rcpt", mailbox.address)
-                return self._send(Reject(554, "5.7.1", f"<{mailbox.address}>: Relay access denied"))
+                denied = Reject(554, "5.7.1", f"<{mailbox.address}>: Relay access denied")
+                self.runner.refused(self.session, self.envelope, denied, "rcpt", mailbox.address)
+                return self._send(denied)
         rcpt = Recipient(mailbox.address, mailbox.domain)
         envelope = self.envelope
         txn = Transaction(self.session, envelope, rcpt=rcpt, state=self._txn.state)
-        return self._run_stage(Stage.RCPT, txn).addCallback(self._rcpt_judged, envelope, rcpt)
+        return self.runner.judge_rcpt(txn).addCallback(self._rcpt_judged, envelope, rcpt)
 
-    def _rcpt_judged(self, records, envelope, rcpt):
-        if envelope is not self.envelope:  # RSET meanwhile: cannot happen while busy, but be safe
-            return
-        rcpt.results.extend(records)
-        reply = self.runtime.scorer.decide_stage(list(self.session.results) + records)
-        if reply is not None:
-            self._log_refusal(envelope, reply, "rcpt", rcpt.address)
-            return self._send(Reply(reply.code, reply.enhanced, f"<{rcpt.address}>: {reply.text}"))
+    def _rcpt_judged(self, refusal: Optional[Reply], envelope: Envelope, rcpt: Recipient):
+        if refusal is not None:
+            return self._send(refusal)
         envelope.recipients.append(rcpt)
         self._send(Reply(250, "2.1.5", "Ok"))
 
@@ -498,184 +744,93 @@ class GatewaySMTP(smtp.ESMTP):
         if text:
             return self._send(Reject(501, "5.5.4", "Syntax: DATA"))
         self.mode = DATA
-        self._data_oversize = False
-        self._data_start = True
+        # the terminator is CRLF.CRLF; a CRLF in front lets ".\r\n" end an empty message
+        self._data, self._data_oversize = bytearray(b"\r\n"), False
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        self._start_data_deadline()
+        return None
 
     # --- DATA ----------------------------------------------------------------
 
-    def _data_chunk(self) -> bool:
-        """Look for the end of data in the buffer.  True when it was found."""
-        buf = self._buf
-        if self._data_start and buf.startswith(b".\r\n"):
-            content, rest = b"", buf[3:]
-        else:
-            end = buf.find(b"\r\n.\r\n")
-            if end < 0:
-                if len(buf) > self.runtime.config.server.max_message_size + 4096:
-                    # too big: keep reading, but only the tail that may hold
-                    # the start of the terminator
-                    self._data_oversize = True
-                    self._data_start = False
-                    self._buf = buf[-4:]
-                return False
-            content, rest = buf[: end + 2], buf[end + 5:]
-        self._buf = rest
+    def _start_data_deadline(self):
+        self._set_deadline(self.clock.seconds() + self.timeout)
+
+    def _data_step(self) -> bool:
+        """Move input into the message until the terminator.  True when it was found."""
+        data = self._data
+        searched = max(0, len(data) - 4)  # the terminator may straddle the previous chunk
+        with memoryview(self._buf) as view:
+            data += view[self._pos:]
+        self._pos = len(self._buf)
+        end = data.find(b"\r\n.\r\n", searched)
+        if end < 0:
+            if len(data) > self.runtime.config.server.max_message_size + DATA_SLACK:
+                # too big: keep reading, but only the tail that may hold the start of the terminator
+                self._data_oversize = True
+                del data[:-4]
+            return False
+        # what followed the terminator is the next pipelined command: read on at once
+        if self._coalesce_call is not None:
+            self._coalesce_call.cancel()
+            self._coalesce_call = None
+        self._pos -= len(data) - (end + 5)
+        content = bytes(memoryview(data)[2:end + 2])
+        self._data = bytearray()
         self.mode = COMMAND
-        oversize = self._data_oversize or len(content) > self.runtime.config.server.max_message_size
-        self._busy = True
-        d = defer.maybeDeferred(self._message_received, content, oversize)
-        d.addErrback(self._internal_error)
-        d.addBoth(self._after_message)
-        d.addBoth(self._unbusy)
+        self._wait_for(defer.maybeDeferred(self._message_received, content).addBoth(self._after_message))
         return True
 
-    def _after_message(self, _):
+    def _after_message(self, result):
         self._reset_transaction()
+        return result
 
-    @staticmethod
-    def _unstuff(content: bytes) -> bytes:
-        if b"\n." in content or content.startswith(b"."):
-            if content.startswith(b".."):
-                content = content[1:]
-            content = content.replace(b"\r\n..", b"\r\n.")
-        if b"\x00" in content:
-            content = content.replace(b"\x00", b"")
-        if b"\r" in content.replace(b"\r\n", b"") or b"\n" in content.replace(b"\r\n", b""):
-            content = _BARE_NEWLINE.sub(b"\r\n", content)
-        return content
-
-    def _message_received(self, content: bytes, oversize: bool):
-        envelope = self.envelope
-        if oversize:
-            self._log_refusal(envelope, MESSAGE_TOO_BIG, "data")
-            return self._send(MESSAGE_TOO_BIG)
-        content = self._unstuff(content)
-        envelope.size = len(content)
-        rcpt = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
-        proto = ("ESMTP" if self.session.esmtp else "SMTP") + ("S" if self.session.tls else "") + \
-            ("A" if self.session.auth_user else "")
-        received = received_header(self.session.helo, self._conn_state.get("rdns"), self.session.peer_ip,
-                                   self.host.decode(),
-                                   envelope.queue_id, proto, rcpt, now=self.factory.reactor.seconds())
-        message = Message(received + content)
-        self._txn.message = message
-        d = self._run_stage(Stage.DATA, self._txn)
-        return d.addCallback(self._judged, envelope, message)
-
-    def _all_records(self, envelope: Envelope, data_records: list) -> list:
-        seen, rcpt_records = set(), []
-        for r in envelope.recipients:
-            for rec in r.results:
-                key = getattr(rec, "symbol", None) or id(rec)
-                if key not in seen:
-                    seen.add(key)
-                    rcpt_records.append(rec)
-        return list(self.session.results) + list(envelope.results) + rcpt_records + list(data_records)
-
-    def _judged(self, data_records, envelope, message):
-        verdict = self.runtime.scorer.decide(self._all_records(envelope, data_records))
-        self._after_verdict(verdict)
-        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            self._log_message(envelope, verdict, verdict.reply)
-            return self._send(verdict.reply)
-        extra = [r.header for r in verdict.results if isinstance(r, Result) and r.header]
-        finished = self.runtime.finisher.finish(message.raw, verdict, extra, tag_subject=not self.session.may_relay)
-        entry = QueueEntry(
-            queue_id=envelope.queue_id, sender=envelope.sender,
-            recipients=[RecipientState(r.address) for r in envelope.recipients],
-            arrival=self.factory.reactor.seconds(), client=self.session.peer_ip,
-            helo=self.session.helo or "", size=len(finished),
-            verdict={"score": verdict.score, "action": verdict.action.value, "symbols": verdict.symbols},
-        )
-        if verdict.action == Action.QUARANTINE:
-            d = self.factory.quarantine(entry, finished, verdict)
-        else:
-            d = self.factory.enqueue(entry, finished)
-        return d.addCallbacks(self._queued, self._spool_failed, callbackArgs=(envelope, verdict),
-                              errbackArgs=(envelope, verdict))
-
-    def _after_verdict(self, verdict) -> None:
-        """Checks that learn from the final verdict (Bayes autolearn) see it here;
-        what they do never changes this message's reply."""
+    def _message_received(self, content: bytes):
         txn = self._txn
-        for check in self.runtime.pipeline.by_stage[Stage.DATA]:
-            hook = getattr(check, "after_verdict", None)
-            if hook is None:
-                continue
-            try:
-                d = hook(txn, verdict)
-            except Exception:
-                log.exception("queue_id=%s check=%s after_verdict failed", txn.queue_id, check.name)
-                continue
-            if isinstance(d, defer.Deferred):
-                d.addErrback(lambda f, name=check.name: log.error(
-                    "queue_id=%s check=%s after_verdict failed: %s", txn.queue_id, name, f.getErrorMessage()))
+        oversize = self._data_oversize or len(content) > self.runtime.config.server.max_message_size
+        if oversize:
+            self.runner.refused(self.session, txn.envelope, MESSAGE_TOO_BIG, "data")
+            return self._send(MESSAGE_TOO_BIG)
+        self.runner.message(txn, _unstuff(content), self._conn_state.get("rdns"))
+        d = self.runner.judge(txn)
+        d.addCallback(lambda verdict: self.runner.commit(txn, verdict))
+        return d.addCallback(self._committed)
 
-    def _queued(self, _, envelope, verdict):
-        reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
-        self._log_message(envelope, verdict, reply)
-        self._send(reply)
-
-    def _spool_failed(self, failure, envelope, verdict):
-        log.error("queue_id=%s spool_error=%r", envelope.queue_id, failure.getErrorMessage())
-        self._log_message(envelope, verdict, SPOOL_TROUBLE)
-        self._send(SPOOL_TROUBLE)
-
-    # --- helpers ---------------------------------------------------------------
-
-    def _run_stage(self, stage: Stage, txn: Transaction) -> defer.Deferred:
-        pipeline = self.runtime.pipeline
-        if not pipeline.has(stage):
-            return defer.succeed([])
-        return pipeline.run(stage, txn)
+    def _committed(self, reply: Optional[Reply]):
+        if reply is not None:
+            self._send(reply)
 
     def _reset_transaction(self):
         self.envelope = None
         self._txn = None
 
-    def _log_refusal(self, envelope, reply: Reply, stage: str, rcpt: str = "") -> None:
-        msglog.info(
-            "queue_id=%s client=%s helo=%s from=<%s>%s stage=%s action=refused reply=\"%s\"",
-            envelope.queue_id if envelope else self.session.queue_id, self.session.peer_ip,
-            self.session.helo or "-", envelope.sender if envelope else "", f" to=<{rcpt}>" if rcpt else "",
-            stage, reply,
-        )
-
-    def _log_message(self, envelope, verdict, reply: Reply) -> None:
-        failures = ",".join(f"{f.check}:{f.reason}" for f in verdict.failures)
-        msglog.info(
-            "queue_id=%s client=%s helo=%s from=<%s> to=%s size=%d score=%.1f symbols=%s action=%s"
-            "%s reply=\"%s\"",
-            envelope.queue_id, self.session.peer_ip, self.session.helo or "-", envelope.sender,
-            ",".join(f"<{r.address}>" for r in envelope.recipients), envelope.size, verdict.score,
-            ",".join(verdict.symbols) or "-", verdict.action.value,
-            f" failed={failures}" if failures else "", reply,
-        )
-
 
 class GatewayFactory(protocol.ServerFactory):
-    """Shared by all connections: the current runtime, limits and the queue."""
+    """Shared by all connections: the current runtime, limits and the queue.
+
+    A reload swaps ``runtime``, ``portal`` and ``tls_context``; each session
+    keeps those it started with.
+    """
 
     noisy = False
 
-    def __init__(self, runtime, reactor, enqueue: Callable, quarantine: Callable,
-                 portal=None, challengers=None, tls_context=None):
+    def __init__(self, runtime, reactor, enqueue: Callable, quarantine: Callable, run_in_thread: Callable,
+                 portal=None, tls_context=None, auth_guard=None, events=None):
         self.runtime = runtime
         self.reactor = reactor
+        self.run_in_thread = run_in_thread  # blocking work of a session, off the reactor
         self.enqueue = enqueue  # (QueueEntry, bytes) -> Deferred, fires once durable
         self.quarantine = quarantine  # (QueueEntry, bytes, Verdict) -> Deferred
         self.portal = portal
-        self.challengers = challengers or {}
         self.tls_context = tls_context
-        self.connections: set[GatewaySMTP] = set()
+        self.auth_guard = auth_guard  # sasl.AuthGuard: failures per client address
+        self.events = events if events is not None else default_sink()
+        self.connections: set[SMTPServer] = set()
         self.per_ip: dict[str, int] = {}
 
     def buildProtocol(self, addr_):
-        p = GatewaySMTP(self)
-        return p
+        return SMTPServer(self)
 
-    def admit(self, p: GatewaySMTP) -> bool:
+    def admit(self, p: SMTPServer) -> bool:
         server = p.runtime.config.server
         ip = str(p.session.ip)
         if len(self.connections) >= server.max_connections or self.per_ip.get(ip, 0) >= server.max_connections_per_ip:
@@ -686,7 +841,7 @@ class GatewayFactory(protocol.ServerFactory):
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return True
 
-    def release(self, p: GatewaySMTP) -> None:
+    def release(self, p: SMTPServer) -> None:
         if p in self.connections:
             self.connections.discard(p)
             ip = str(p.session.ip)
@@ -695,3 +850,4 @@ class GatewayFactory(protocol.ServerFactory):
                 self.per_ip.pop(ip, None)
             else:
                 self.per_ip[ip] = n
+

@@ -64,6 +64,9 @@ class QueueEntry:
     last_error: str = ""
     held: bool = False
     bounce_of: str = ""  # set on our own bounces: never bounce a bounce
+    # the client sent MAIL FROM:<..> SMTPUTF8 (RFC 6531): the next hop must offer it too.
+    # Entries written before this field existed read as False
+    smtputf8: bool = False
     verdict: dict = field(default_factory=dict)
 
     @property

@@ -42,6 +42,7 @@ from pydantic import Field, model_validator
 
 from gateway.config import Duration, Route, Section, route_for
 from gateway.errors import ConfigError
+from gateway.pipeline import in_thread
 from gateway.plugins import Check
 from gateway.records import Failed, Result, Stage
 from gateway.store import store_for
@@ -90,17 +91,6 @@ class RecipientsSettings(Section):
 
 class Unverifiable(Exception):
     """The directory or next hop could not be asked (a temporary condition)."""
-
-
-async def in_thread(run_in_thread, fn, *args):
-    """Run a blocking call in the gateway's thread pool and await it from a coroutine."""
-    loop = asyncio.get_running_loop()
-    if run_in_thread is None:
-        return await loop.run_in_executor(None, fn, *args)
-    d = run_in_thread(fn, *args)
-    if hasattr(d, "asFuture"):  # a Twisted Deferred from deferToThread
-        return await d.asFuture(loop)
-    return await d
 
 
 def strip_extension(address: str, delimiter: str) -> str:

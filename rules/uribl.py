@@ -23,6 +23,7 @@ from typing import Optional
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config import Domain, Section
+from gateway.pipeline import in_thread
 from gateway.plugins import Check
 from gateway.records import Failed, Result, Stage
 from rules.sa.message import MessageView
@@ -133,20 +134,23 @@ class Uribl(Check):
     stage = Stage.DATA
     priority = 60
 
-    def __init__(self, settings: UriblSettings, resolver):
+    def __init__(self, settings: UriblSettings, resolver, run_in_thread=None):
         self.settings = settings
         self.resolver = resolver
+        self.run_in_thread = run_in_thread
 
     @classmethod
     def from_config(cls, config, services):
         s = config.uribl
         if not s.zones:
             return None
-        return cls(s, services.resolver)
+        return cls(s, services.resolver, services.run_in_thread)
 
     async def check(self, txn):
         s = self.settings
-        domains = message_domains(txn.message.raw, txn.message.parsed, s.max_domains, s.skip_domains)
+        # finding the URIs of a big HTML body is CPU work: not on the reactor
+        domains = await in_thread(self.run_in_thread, message_domains, txn.message.raw, txn.message.parsed,
+                                  s.max_domains, s.skip_domains)
         if not domains:
             return []
         jobs = []

@@ -30,3 +30,17 @@ def mailgate(tmp_path, sink):  # noqa: F811
             gw._log.close()
     for server in make.servers:
         server.stop(final=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Figures a test reports with ``record_property("report", text)`` (say, the
+    duplicates of a crash test), shown even for a passing test under -q."""
+    lines = [f"{rep.nodeid}: {value}"
+             for outcome in ("passed", "failed")
+             for rep in terminalreporter.stats.get(outcome, [])
+             if rep.when == "call"
+             for key, value in rep.user_properties if key == "report"]
+    if lines:
+        terminalreporter.section("reported by tests")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.ports import free_port  # noqa: E402
 
 AREA_BENCHES = [["tools.bench_envelope"], ["tools.bench_bayes"], ["tools.bench_av"], ["tools.bench_rules"],
-                ["tools.eval_pipeline", "--folds", "5"]]
+                ["tools.bench_hardening"], ["tools.eval_pipeline", "--folds", "5"]]
 
 
 def program(name: str) -> str:
@@ -199,7 +199,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per row; the median is printed")
     ap.add_argument("--sessions", default="20,100")
     ap.add_argument("--relay-only", action="store_true", help="skip the per-area benchmarks")
+    ap.add_argument("--only", metavar="AREA", help="run only the per-area benchmark tools.bench_AREA (e.g. hardening)")
     args = ap.parse_args(argv)
+    if args.only:
+        chosen = [b for b in AREA_BENCHES if b[0] in (f"tools.bench_{args.only}", f"tools.{args.only}")]
+        if not chosen:
+            ap.error(f"--only {args.only}: no such area ({', '.join(b[0] for b in AREA_BENCHES)})")
+        return run_areas(chosen)
     sessions = [int(s) for s in args.sessions.split(",")]
 
     from tests.support.dns import Dnsmasq
@@ -243,7 +249,11 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.relay_only:
         return 0
-    for module, *extra in AREA_BENCHES:
+    return run_areas(AREA_BENCHES)
+
+
+def run_areas(benches) -> int:
+    for module, *extra in benches:
         print(f"\n## {module} {' '.join(extra)}", flush=True)
         subprocess.run([sys.executable, "-m", module, *extra], cwd=REPO, check=False)
     return 0

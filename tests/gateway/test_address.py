@@ -59,3 +59,23 @@ def test_relay_for_outside_clients(rcpt, allowed):
 
 def test_trusted_clients_may_relay_anywhere():
     assert relay_allowed(parse_mailbox("x@other.test"), OURS, may_relay=True)
+
+
+def test_utf8_addresses_need_smtputf8_and_keep_a_label_domains():
+    with pytest.raises(AddressError, match="needs SMTPUTF8"):
+        parse_path("TO:<ü@example.test>", "TO", allow_null=False)
+    path = parse_path("TO:<ü@exämple.test>", "TO", allow_null=False, utf8=True)
+    assert path.mailbox.local == "ü" and path.mailbox.domain == "xn--exmple-cua.test"
+    with pytest.raises(AddressError):
+        parse_path("TO:<ü ü@example.test>", "TO", allow_null=False, utf8=True)
+    with pytest.raises(AddressError, match="too long"):
+        parse_path("TO:<" + "ü" * 33 + "@example.test>", "TO", allow_null=False, utf8=True)  # 66 octets
+
+
+def test_postmaster_without_domain_is_the_postmaster_of_the_given_domain():
+    path = parse_path("TO:<postmaster>", "TO", allow_null=False, postmaster_domain="example.test")
+    assert path.address == "postmaster@example.test"
+    with pytest.raises(AddressError):
+        parse_path("TO:<postmaster>", "TO", allow_null=False)
+    with pytest.raises(AddressError):
+        parse_path("TO:<webmaster>", "TO", allow_null=False, postmaster_domain="example.test")

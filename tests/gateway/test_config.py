@@ -117,3 +117,23 @@ def test_shipped_example_config_is_valid():
     example = Path(__file__).resolve().parents[2] / "mailgate.example.toml"
     c = cfg.load(str(example), discover().sections)
     assert c.spam.threshold == 5.0 and c.relay.domains == ["example.test"]
+
+
+def test_check_files_names_each_missing_or_unreadable_file(tmp_path):
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "adir").mkdir()
+    c = load(f'[server]\ntls_certificate = "{tmp_path}/cert.pem"\ntls_key = "{tmp_path}/nokey.pem"\n'
+             f'[auth]\nusers_file = "{tmp_path}/adir"\n', tmp_path)
+    with pytest.raises(ConfigError) as err:
+        cfg.check_files(c, "m.toml")
+    assert err.value.problems == [
+        f"server.tls_key = '{tmp_path}/nokey.pem': no such file",
+        f"auth.users_file = '{tmp_path}/adir': is a directory, not a file",
+    ]
+    assert str(err.value).startswith("m.toml: ")
+
+
+def test_check_files_passes_readable_and_unset_files(tmp_path):
+    (tmp_path / "users").write_text("a:{PLAIN}b\n")
+    cfg.check_files(load(f'[auth]\nusers_file = "{tmp_path}/users"\n', tmp_path))
+    cfg.check_files(cfg.load(None, {}))  # nothing named, nothing to check

@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.gateway.test_service import HAM, send, wait_until
 from tests.support.ports import free_port
 from tests.support.sink import Sink
@@ -104,3 +106,102 @@ def test_reload_that_cannot_write_the_config_keeps_the_child_on_its_old_one(tmp_
         agent.reload(b"[server]\nhostname = \"new\"\n")
     assert told == [] and "keeps its config" in caplog.text
     assert (tmp_path / "config.running.toml").read_bytes() == b"[server]\n"
+
+
+# -- per-destination delivery and a full disk, through a real `mailgate run` ----------------------
+
+FAKES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fakes")
+
+
+def established(port: int) -> int:
+    """Connections the server side of 127.0.0.1:port has open (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if int(r[1].split(":")[1], 16) == port and r[3] == "01")
+
+
+def with_lines(gw, section: str, *lines: str) -> None:
+    """Add keys to a section of the gateway's generated config (before it starts)."""
+    text = gw.config_path.read_text()
+    assert f"[{section}]\n" in text
+    gw.config_path.write_text(text.replace(f"[{section}]\n", f"[{section}]\n" + "".join(f"{x}\n" for x in lines), 1))
+
+
+@pytest.fixture
+def hung_server():
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(FAKES, "silent_server.py"), "tcp", str(port)],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready"
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_hung_next_hop_does_not_stop_delivery_to_others(mailgate, sink, hung_server):
+    gw = mailgate(start=False, domains=("example.test", "hung.test"))
+    with_lines(gw, "routes", f'"hung.test" = "smtp:[127.0.0.1]:{hung_server}"')
+    # the hung server's sessions must outlive the test: what is delivered
+    # meanwhile did not wait for them
+    with_lines(gw, "queue", "delivery_concurrency = 50", "destination_concurrency = 20", 'helo_timeout = "10m"')
+    gw.start()
+    with gw.smtp() as c:
+        for i in range(50):
+            assert c.sendmail("alice@sender.test", [f"u{i}@hung.test"], HAM) == {}
+    assert wait_until(lambda: established(hung_server) == 20, timeout=30), established(hung_server)
+    assert send(gw) == {}  # to example.test: the sink
+    assert sink.wait_for(1, timeout=60), gw.log()[-3000:]
+    assert established(hung_server) == 20  # its own limit, never more
+    assert "timeout after" not in gw.log()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mounts a 20 MB tmpfs; yields its path; fill() takes every free byte, free() gives them back."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root: mounting a tmpfs must work")
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "gw0" / "queue"
+    mount.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
+
+    class Disk:
+        path = mount
+        filler = mount / "filler"
+
+        def fill(self):
+            with open(self.filler, "ab", buffering=0) as f:
+                for size in (1 << 20, 4096, 1):
+                    try:
+                        while True:
+                            f.write(b"\0" * size)
+                    except OSError as e:
+                        assert e.errno == 28
+
+        def free(self):
+            self.filler.unlink()
+
+    yield Disk()
+    if subprocess.run(["umount", str(mount)]).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount)], check=True)  # still busy: detach it now, free it when idle
+
+
+def test_a_full_disk_during_a_deferral_does_not_strand_the_message(small_disk, mailgate, sink):
+    # small_disk first: it is unmounted after the gateway has been stopped
+    gw = mailgate(start=False)
+    assert gw.queue_dir() == small_disk.path
+    # the sweep is tested with task.Clock; here the failed write itself must leave a retry
+    with_lines(gw, "queue", 'sweep_interval = "10m"')
+    gw.start()
+    sink.rcpt_reply = "451 4.3.0 try later"
+    assert send(gw) == {}
+    assert wait_until(lambda: "deferred=1" in gw.log())  # the first deferral is on disk
+    small_disk.fill()
+    assert wait_until(lambda: "cannot record the attempt: [Errno 28]" in gw.log()), gw.log()[-3000:]
+    small_disk.free()
+    sink.rcpt_reply = None
+    assert sink.wait_for(1, timeout=30), gw.log()[-3000:]  # no SIGUSR1, no restart
+    assert wait_until(lambda: not os.listdir(gw.queue_dir() / "messages"))

@@ -46,7 +46,7 @@ from twisted.internet import threads  # noqa: E402
 from twisted.python.threadpool import ThreadPool  # noqa: E402
 
 from gateway.config import HostPort, parse_route  # noqa: E402
-from gateway.delivery import DEFERRED, FAILED, SENT, Deliverer, Outcome, wire_form  # noqa: E402
+from gateway.delivery import DEFERRED, FAILED, SENT, Deliverer, Outcome, Timeouts, wire_form  # noqa: E402
 from gateway.resolver import NOANSWER, NXDOMAIN, OK, TIMEOUT, Lookup, Resolver  # noqa: E402
 from tests.support.dns import Records, dns_servers  # noqa: E402,F401  (fixture)
 from tests.support.ports import free_port  # noqa: E402
@@ -575,3 +575,197 @@ def test_mx_route_through_real_dns(reactor, run, dns_servers):  # noqa: F811
     (o,) = run(slow.deliver("Q51", "a@s.test", ["bob@example.test"], MESSAGE))
     assert (o.status, o.enhanced) == (DEFERRED, "4.4.3")
     assert "timeout" in o.reply
+
+
+# -- per-phase deadlines and SMTPUTF8, scripted server over StringTransport + task.Clock ----------
+
+
+class ScriptedReactor:
+    """A task.Clock that records connectTCP: the test plays the server."""
+
+    def __init__(self):
+        from twisted.internet import task
+
+        self.clock = task.Clock()
+        self.callLater = self.clock.callLater
+        self.seconds = self.clock.seconds
+        self.advance = self.clock.advance
+        self.connections = []
+
+    def connectTCP(self, host, port, factory, timeout=30):
+        self.connections.append((host, port, factory, timeout))
+
+    def server(self):
+        """Connect the last client to a StringTransport; returns (protocol, transport)."""
+        from twisted.internet.testing import StringTransport
+
+        factory = self.connections[-1][2]
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+
+PHASES = Timeouts(connect=7, helo=10, mail=20, rcpt=30, data_init=40, data_xfer=50, data_done=60)
+
+
+def scripted(recipients=("b@x.test",), sender="a@s.test", smtputf8=False, timeouts=PHASES, message=None):
+    r = ScriptedReactor()
+    d = Deliverer(r, None, {"*": parse_route("smtp:[192.0.2.1]:25")}, HOSTNAME, tls_client_context_factory=False,
+                  timeouts=timeouts)
+    result = d.deliver("QT", sender, list(recipients), message or MESSAGE, smtputf8=smtputf8)
+    proto, transport = r.server()
+    return r, result, proto, transport
+
+
+def said(transport) -> list[bytes]:
+    lines = transport.value().split(b"\r\n")
+    transport.clear()
+    return [line for line in lines if line]
+
+
+def body_sent(proto, transport):
+    """What a socket draining the body would do: ask the sender for each chunk."""
+    while transport.producer is not None:
+        transport.producer.resumeProducing()
+
+
+# how far into the session the server answers, before it falls silent
+_UNTIL = {
+    "the greeting": [],
+    "the reply to EHLO": [b"220 mx ESMTP"],
+    "the reply to MAIL FROM": [b"220 mx ESMTP", b"250 mx"],
+    "the reply to RCPT TO": [b"220 mx ESMTP", b"250 mx", b"250 2.1.0 ok"],
+    "the reply to DATA": [b"220 mx ESMTP", b"250 mx", b"250 2.1.0 ok", b"250 2.1.5 ok"],
+    "the reply to end of data": [b"220 mx ESMTP", b"250 mx", b"250 2.1.0 ok", b"250 2.1.5 ok", b"354 go"],
+}
+
+
+@pytest.mark.parametrize("phase,limit", [
+    ("the greeting", 10), ("the reply to EHLO", 10), ("the reply to MAIL FROM", 20),
+    ("the reply to RCPT TO", 30), ("the reply to DATA", 40), ("the reply to end of data", 60),
+])
+def test_each_phase_has_its_own_deadline(phase, limit):
+    r, result, proto, transport = scripted()
+    assert r.connections[0][3] == 7  # the connect timeout goes to connectTCP
+    for line in _UNTIL[phase]:
+        proto.dataReceived(line + b"\r\n")
+    if phase == "the reply to end of data":
+        body_sent(proto, transport)
+    r.advance(limit - 0.5)
+    assert not result.called, "the deadline of this phase, not a shorter one"
+    r.advance(1)
+    (o,) = result.result
+    assert (o.status, o.code) == (DEFERRED, 451)
+    assert f"timeout after {limit}s waiting for {phase}" in o.reply and not o.remote
+
+
+def test_body_chunks_have_a_deadline_each():
+    r, result, proto, transport = scripted()
+    for line in _UNTIL["the reply to end of data"]:
+        proto.dataReceived(line + b"\r\n")
+    assert transport.producer is not None  # the body is on its way
+    transport.producer.resumeProducing()
+    r.advance(49)
+    assert not result.called
+    r.advance(2)  # the peer stopped taking the body
+    (o,) = result.result
+    assert o.status == DEFERRED and "timeout after 50s waiting for the message body to be taken" in o.reply
+
+
+def test_a_server_that_answers_in_time_is_never_cut_off():
+    r, result, proto, transport = scripted()
+    for line in _UNTIL["the reply to end of data"]:
+        r.advance(9)  # just inside every deadline, 54 s in all: more than the greeting's 10 s
+        proto.dataReceived(line + b"\r\n")
+    body_sent(proto, transport)
+    r.advance(59)
+    proto.dataReceived(b"250 2.0.0 queued\r\n")
+    assert [(o.status, o.code) for o in result.result] == [(SENT, 250)]
+
+
+def test_smtputf8_used_when_needed_and_offered():
+    r, result, proto, transport = scripted(recipients=["j\u00f6rg@x.test"])
+    proto.dataReceived(b"220 mx ESMTP\r\n")
+    said(transport)
+    proto.dataReceived(b"250-mx\r\n250-SMTPUTF8\r\n250 8BITMIME\r\n")
+    (mail,) = said(transport)
+    assert mail.startswith(b"MAIL FROM:<a@s.test> SMTPUTF8")
+    proto.dataReceived(b"250 ok\r\n")
+    assert said(transport) == ["RCPT TO:<j\u00f6rg@x.test>".encode()]
+
+
+def test_smtputf8_not_sent_when_nothing_needs_it():
+    r, result, proto, transport = scripted()
+    proto.dataReceived(b"220 mx ESMTP\r\n250-mx\r\n250 SMTPUTF8\r\n")
+    assert b"SMTPUTF8" not in said(transport)[-1]
+
+
+@pytest.mark.parametrize("sender,recipient,flag", [
+    ("a@s.test", "j\u00f6rg@x.test", False),  # a non-ASCII recipient
+    ("j\u00f6rg@s.test", "b@x.test", False),  # a non-ASCII sender
+    ("a@s.test", "b@x.test", True),  # SMTPUTF8 from the client, and UTF-8 in the headers
+])
+def test_smtputf8_needed_but_not_offered_fails_with_5_6_7(sender, recipient, flag):
+    message = "Subject: Grüße\r\n\r\nbody\r\n".encode() if flag else MESSAGE
+    r, result, proto, transport = scripted(recipients=[recipient], sender=sender, smtputf8=flag, message=message)
+    proto.dataReceived(b"220 mx ESMTP\r\n250-mx\r\n250 8BITMIME\r\n")
+    assert said(transport)[-1] == b"QUIT"  # no MAIL FROM: no downgrade (RFC 6531 3.2)
+    (o,) = result.result
+    assert (o.status, o.code, o.enhanced) == (FAILED, 550, "5.6.7")
+    assert o.reply == "5.6.7 SMTPUTF8 not supported by next hop 192.0.2.1[192.0.2.1]:25"
+
+
+def test_an_ascii_message_that_came_with_smtputf8_goes_without_it():
+    r, result, proto, transport = scripted(smtputf8=True)
+    proto.dataReceived(b"220 mx ESMTP\r\n250 mx\r\n")
+    assert said(transport)[-1] == b"MAIL FROM:<a@s.test>"
+
+
+def test_without_smtputf8_only_the_recipients_needing_it_fail():
+    r, result, proto, transport = scripted(recipients=["j\u00f6rg@x.test", "b@x.test"])
+    proto.dataReceived(b"220 mx ESMTP\r\n250 mx\r\n")
+    assert said(transport)[-1] == b"MAIL FROM:<a@s.test>"  # no SMTPUTF8: the sender is ASCII
+    proto.dataReceived(b"250 ok\r\n")
+    assert said(transport) == [b"RCPT TO:<b@x.test>"]
+    proto.dataReceived(b"250 ok\r\n354 go\r\n")
+    body_sent(proto, transport)
+    proto.dataReceived(b"250 2.0.0 queued\r\n")
+    utf8, ascii_ = result.result
+    assert (utf8.status, utf8.enhanced) == (FAILED, "5.6.7")
+    assert (ascii_.status, ascii_.code) == (SENT, 250)
+
+
+def test_destination_names_the_next_hop():
+    d = deliverer(None, {"corp.test": "smtp:[10.0.0.5]:25", "*": "mx"})
+    assert d.destination("a@Corp.Test") == "smtp:[10.0.0.5]:25"
+    assert d.destination("a@Example.Test.") == "mx:example.test"
+    assert d.destination("b@example.test") == d.destination("c@EXAMPLE.test")
+
+
+def test_timeouts_from_queue_settings():
+    from gateway.config import QueueSettings
+
+    t = Timeouts.from_settings(QueueSettings(helo_timeout="2m", data_done_timeout="15m"))
+    assert (t.connect, t.helo, t.mail, t.data_init, t.data_done) == (30, 120, 300, 120, 900)
+
+
+# -- SMTPUTF8 against real servers ------------------------------------------------------
+
+
+def test_non_ascii_recipient_relayed_with_smtputf8(reactor, run, sink):
+    # aiosmtpd offers SMTPUTF8
+    (o,) = run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver(
+        "QU1", "a@s.test", ["j\u00f6rg@x.test"], MESSAGE))
+    assert o.status == SENT
+    (got,) = sink.messages
+    assert got.rcpt_tos == ["j\u00f6rg@x.test"] and "SMTPUTF8" in got.mail_options
+
+
+def test_smtputf8_message_to_a_server_without_it_bounces(reactor, run, smtp_sink):
+    s = smtp_sink()  # postfix's smtp-sink does not offer SMTPUTF8
+    outcomes = run(deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{s.port}"}).deliver(
+        "QU2", "a@s.test", ["j\u00f6rg@x.test", "b@x.test"], MESSAGE, smtputf8=True))
+    # the ASCII recipient of an ASCII message goes without SMTPUTF8; the other cannot
+    assert [(o.status, o.code) for o in outcomes] == [(FAILED, 550), (SENT, 250)]
+    assert outcomes[0].enhanced == "5.6.7" and "SMTPUTF8 not supported by next hop" in outcomes[0].reply

@@ -2,7 +2,8 @@
 
 import asyncio
 
-from twisted.internet import defer
+import pytest
+from twisted.internet import defer, task
 
 from gateway.pipeline import Pipeline
 from gateway.plugins import Check
@@ -68,3 +69,34 @@ def test_coroutines_run_as_asyncio_tasks():
 
 def test_stage_without_checks_answers_at_once():
     assert run(Pipeline([]), Stage.CONNECT) == [[]]
+
+
+class Hung(Check):
+    name, stage = "hung", Stage.MAIL
+
+    def __init__(self):
+        self.cancelled = False
+
+    def check(self, txn):
+        return defer.Deferred(lambda d: setattr(self, "cancelled", True))
+
+
+def test_a_check_past_the_stage_deadline_is_cancelled_and_failed_tempfail():
+    clock = task.Clock()
+    hung = Hung()
+    quick = Fixed("quick", [Result("QUICK", 1.0)])
+    quick.stage = Stage.MAIL
+    pipeline = Pipeline([hung, quick], {Stage.MAIL: 5.0}, clock)
+    got = []
+    pipeline.run(Stage.MAIL, Transaction(Session("Q", "192.0.2.1"))).addCallback(got.extend)
+    clock.advance(4.9)
+    assert got == []
+    clock.advance(0.1)
+    assert hung.cancelled
+    assert got[0] == Failed("hung", "no answer within 5s", severity="tempfail")
+    assert [r.symbol for r in got[1:]] == ["QUICK"]
+
+
+def test_deadlines_need_a_clock():
+    with pytest.raises(ValueError):
+        Pipeline([], {Stage.MAIL: 1.0})

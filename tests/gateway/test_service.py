@@ -270,3 +270,309 @@ def test_embedded_default_config_is_what_make_run_uses(tmp_path):
                        cwd=tmp_path, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "listen=127.0.0.1:2525 domains=example.test" in p.stdout
+
+
+# --- reload means reload (issue 10, item 5) ------------------------------------------
+
+def reloads(gw) -> int:
+    return gw.log().count("reloaded config=")
+
+
+def sighup(gw, expect: str = "reloaded config=") -> None:
+    """SIGHUP, then wait until the gateway has logged one more ``expect`` line."""
+    before = gw.log().count(expect)
+    gw.signal(signal.SIGHUP)
+    assert wait_until(lambda: gw.log().count(expect) > before), gw.log()
+
+
+def auth_plain(conn, user: str, password: str) -> int:
+    import base64
+
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return conn.docmd("AUTH", f"PLAIN {token}")[0]
+
+
+def test_sighup_rereads_the_users_file(mailgate, tmp_path):
+    from gateway.auth import hash_password
+
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}s3cret\n")
+    gw = mailgate(f'[auth]\nusers_file = "{users}"\n')
+    with gw.smtp() as early:  # open across the reload: the revocation reaches it too
+        early.ehlo("client.sender.test")
+        with gw.smtp() as c:
+            c.ehlo("client.sender.test")
+            assert auth_plain(c, "alice", "s3cret") == 235
+        users.write_text(f"carol:{hash_password('n3w', iterations=1000)}\n")
+        sighup(gw)
+        assert auth_plain(early, "alice", "s3cret") == 535
+    for user, password, code in (("alice", "s3cret", 535), ("carol", "n3w", 235)):
+        with gw.smtp() as c:
+            c.ehlo("client.sender.test")
+            assert auth_plain(c, user, password) == code, user
+    assert "auth=1 users" in gw.log()
+
+
+def served_certificate_cn(gw) -> str:
+    import ssl
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    with gw.smtp() as c:
+        c.ehlo("client.sender.test")
+        c.starttls(context=ssl._create_unverified_context())
+        der = c.sock.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def test_sighup_serves_a_renewed_certificate(mailgate, tmp_path):
+    from tests.support.sink import make_self_signed
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    cert, key = make_self_signed(str(tmp_path / "old"), "old.gateway.test")
+    gw = mailgate(server_extra=f'tls_certificate = "{cert}"\ntls_key = "{key}"\n')
+    assert served_certificate_cn(gw) == "old.gateway.test"
+    new_cert, new_key = make_self_signed(str(tmp_path / "new"), "new.gateway.test")
+    os.replace(new_key, key)  # renewed in place, as certbot's hooks do: the config is unchanged
+    os.replace(new_cert, cert)
+    sighup(gw)
+    assert served_certificate_cn(gw) == "new.gateway.test"
+
+
+def test_sighup_names_what_needs_a_restart_and_applies_the_rest(mailgate):
+    gw = mailgate()
+    spam = HAM.replace(b"Shall we meet at noon?", GTUBE)
+    other = free_port()
+    text = gw.config_path.read_text().replace(f'listen = ["127.0.0.1:{gw.port}"]',
+                                              f'listen = ["127.0.0.1:{other}"]')
+    gw.config_path.write_text(text + "\n[spam]\nreject_threshold = 5000\n")
+    sighup(gw)
+    line = [l for l in gw.log().splitlines() if "reloaded config=" in l][-1]
+    assert "needs a restart: server.listen" in line and "changed=server,spam" in line
+    assert send(gw, spam) == {}  # the threshold took effect, on the address still bound
+
+
+@pytest.mark.parametrize("broken", ["tls_certificate", "users_file"])
+def test_sighup_with_an_unreadable_file_is_refused_whole(mailgate, sink, tmp_path, broken):
+    from tests.support.sink import make_self_signed
+
+    cert, key = make_self_signed(str(tmp_path), "mx.gateway.test")
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}s3cret\n")
+    gw = mailgate(f'[auth]\nusers_file = "{users}"\n', server_extra=f'tls_certificate = "{cert}"\ntls_key = "{key}"\n')
+    missing = str(tmp_path / "gone")
+    text = gw.config_path.read_text().replace(str(cert) if broken == "tls_certificate" else str(users), missing)
+    gw.config_path.write_text(text + "\n[spam]\nreject_threshold = 5000\n")
+    sighup(gw, expect="reload refused")
+    assert f"{broken} = '{missing}': no such file" in gw.log()
+    with pytest.raises(smtplib.SMTPDataError):  # the old threshold stays with the old files
+        send(gw, HAM.replace(b"Shall we meet at noon?", GTUBE))
+    with gw.smtp() as c:
+        c.ehlo("client.sender.test")
+        assert c.has_extn("starttls") and auth_plain(c, "alice", "s3cret") == 235
+    assert reloads(gw) == 0
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_a_missing_tls_certificate_is_refused_at_start(tmp_path, command):
+    from tests.support.gateway import base_config
+
+    path = tmp_path / "m.toml"
+    path.write_text(base_config(free_port(), str(tmp_path / "queue"), None, server_extra=(
+        f'tls_certificate = "{tmp_path}/cert.pem"\ntls_key = "{tmp_path}/key.pem"\n')))
+    p = subprocess.run([os.sys.executable, "-m", "gateway.cli", command, "-c", str(path)], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2
+    assert f"server.tls_certificate = '{tmp_path}/cert.pem': no such file" in p.stderr
+    assert f"server.tls_key = '{tmp_path}/key.pem': no such file" in p.stderr and "Traceback" not in p.stderr
+
+
+# --- fail fast at start (issue 10, item 11) ------------------------------------------
+
+def delivery_processes(queue_dir) -> list[int]:
+    """Live `mailgate deliver` processes working ``queue_dir`` (their config is in it)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"deliver" in argv and any(str(queue_dir).encode() in a for a in argv):
+            found.append(int(name))
+    return found
+
+
+def test_run_exits_1_when_a_listen_address_is_taken(mailgate, sink):
+    import socket as _socket
+
+    from gateway.spool import QueueEntry, RecipientState, Spool
+    from tests.support.gateway import MAILGATE
+
+    gw = mailgate(start=False)
+    free = free_port()
+    gw.config_path.write_text(gw.config_path.read_text().replace(
+        f'listen = ["127.0.0.1:{gw.port}"]', f'listen = ["127.0.0.1:{free}", "127.0.0.1:{gw.port}"]'))
+    Spool(str(gw.queue_dir())).store(QueueEntry("waiting1", "alice@sender.test", [RecipientState("bob@example.test")],
+                                                time.time()), HAM)
+    with _socket.socket() as taken, open(gw.log_path, "wb") as out:
+        taken.bind(("127.0.0.1", gw.port))
+        taken.listen()
+        p = subprocess.Popen(MAILGATE + ["run", "-c", str(gw.config_path)], cwd=str(gw.workdir), stdout=out,
+                             stderr=subprocess.STDOUT)
+        try:
+            assert p.wait(timeout=60) == 1
+        finally:
+            p.kill()
+            p.wait()
+    assert f"cannot listen on 127.0.0.1:{gw.port}: Address already in use" in gw.log()
+    assert "Traceback" not in gw.log()
+    assert delivery_processes(gw.queue_dir()) == []
+    assert [e.queue_id for e in Spool(str(gw.queue_dir())).entries()] == ["waiting1"]
+    assert sink.messages == []
+
+
+# --- reload, piece by piece -------------------------------------------------------------
+
+def settings(**sections):
+    from gateway import config as cfg
+
+    return cfg.validate(sections, {})
+
+
+def test_needs_restart_names_only_what_cannot_be_swapped():
+    from gateway.service import needs_restart
+
+    running = settings(server={"listen": ["127.0.0.1:2525"], "hostname": "mx.gateway.test"})
+    swappable = settings(server={"listen": ["127.0.0.1:2525"], "hostname": "mx2.gateway.test", "max_connections": 5},
+                         spam={"threshold": 3}, dns={"nameservers": ["127.0.0.1:53"]}, auth={"users_file": "u"})
+    assert needs_restart(running, swappable) == []
+    fixed = settings(server={"listen": ["127.0.0.1:2526"]}, queue={"dir": "elsewhere", "delivery_process": False},
+                     store={"backend": "sqlite"})
+    assert needs_restart(running, fixed) == ["server.listen", "queue.dir", "queue.delivery_process", "store"]
+
+
+class FakeReactor:
+    """What Gateway needs of a reactor before it runs: a thread pool, callLater."""
+
+    class Pool:
+        def adjustPoolsize(self, low, high):
+            pass
+
+    def __init__(self):
+        self.later = []
+
+    def getThreadPool(self):
+        return self.Pool()
+
+    def callLater(self, delay, fn, *args):
+        self.later.append(fn)
+
+
+def nameservers(resolver) -> list[tuple[str, int]]:
+    return [(ns.address, ns.port) for ns in resolver._resolver.nameservers]
+
+
+def test_reload_rebuilds_the_resolver_only_when_dns_changed(tmp_path):
+    from types import SimpleNamespace
+
+    from gateway import config as cfg
+    from gateway.service import Gateway
+
+    path = tmp_path / "m.toml"
+    path.write_text('[dns]\nnameservers = ["127.0.0.1:5301"]\n[store]\nbackend = "memory"\n')
+    gw = Gateway(cfg.load(str(path)), str(path), FakeReactor())
+    front = gw._build_front(gw.config)
+    gw.factory = SimpleNamespace()  # what a reload swaps: attributes the protocol reads per connection
+    gw._apply(front)
+    gw.queue = SimpleNamespace(settings=None, hostname=None,  # the in-process queue manager's parts a reload sets
+                               deliverer=SimpleNamespace(routes=None, resolver=None, hostname=None))
+    first = gw.resolver
+    path.write_text('[dns]\nnameservers = ["127.0.0.1:5301"]\n[spam]\nthreshold = 4.0\n')
+    gw.reload()
+    assert gw.factory.runtime.config.spam.threshold == 4.0 and gw.resolver is first  # its cache kept
+
+    path.write_text('[dns]\nnameservers = ["127.0.0.1:5302"]\ntimeout = 1.5\n')
+    gw.reload()
+    assert gw.resolver is not first and nameservers(gw.resolver) == [("127.0.0.1", 5302)]
+    assert gw.resolver.timeout == 1.5
+    sender_checks = [c for checks in gw.factory.runtime.pipeline.by_stage.values() for c in checks
+                     if c.name == "sender_domain"]
+    assert sender_checks and all(c.resolver is gw.resolver for c in sender_checks)
+    assert gw.queue.deliverer.resolver is gw.resolver
+
+
+def test_in_process_delivery_delivers_before_and_after_a_reload(mailgate, sink):
+    gw = mailgate(start=False)
+    gw.config_path.write_text(gw.config_path.read_text().replace("[queue]\n", "[queue]\ndelivery_process = false\n"))
+    gw.start()
+    assert send(gw) == {}
+    assert sink.wait_for(1)
+    gw.config_path.write_text(gw.config_path.read_text() + "\n[spam]\nthreshold = 4.0\n")
+    sighup(gw)
+    assert send(gw) == {}
+    assert sink.wait_for(2)
+    assert "delivery process started" not in gw.log() and "Traceback" not in gw.log()
+
+
+def test_password_checks_run_in_their_own_low_priority_threads():
+    import threading
+
+    from gateway.service import PASSWORD_NICE, password_pool
+
+    class Reactor:
+        triggers = []
+
+        def addSystemEventTrigger(self, phase, event, fn):
+            self.triggers.append(fn)
+
+        def callFromThread(self, fn, *args, **kw):
+            fn(*args, **kw)
+
+    reactor = Reactor()
+    run = password_pool(reactor)
+    done = threading.Event()
+    seen = {}
+
+    def probe():
+        seen["thread"] = threading.current_thread().name
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return "checked"
+
+    run(probe).addCallback(lambda v: (seen.update(result=v), done.set()))
+    assert done.wait(10)
+    reactor.triggers[0]()  # the pool stops with the reactor
+    assert seen["result"] == "checked" and "mailgate-password" in seen["thread"]
+    assert seen["nice"] == PASSWORD_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the caller's thread is untouched
+
+
+def test_slowloris_clients_are_cut_at_the_deadline_and_others_are_served(mailgate, sink):
+    """One byte every half second never completes a command in time: each such
+    client is closed at idle_timeout (3 s here), however steadily it trickles,
+    and a normal client is served meanwhile."""
+    import socket as _socket
+
+    gw = mailgate(server_extra='idle_timeout = "3s"\nmax_connections = 6')
+    slow = []
+    for _ in range(5):
+        s = _socket.create_connection((gw.host, gw.port), timeout=5)
+        assert s.recv(512).startswith(b"220")
+        slow.append(s)
+    line = b"EHLO a-name-that-takes-a-long-time-to-arrive.sender.test\r\n"
+    for i, byte in enumerate(line[:16]):  # 8 s of trickling: well past the deadline, far from the line's end
+        for s in slow:
+            try:
+                s.send(bytes([byte]))
+            except OSError:
+                pass  # closed on us: what this test wants
+        if i == 2:
+            assert send(gw) == {}  # the sixth slot still serves a normal client
+        time.sleep(0.5)
+    got = [s.recv(512) for s in slow]
+    assert all(g.startswith(b"421 4.4.2") for g in got), got
+    assert sink.wait_for(1, timeout=20)
+    for s in slow:
+        s.close()

@@ -82,3 +82,17 @@ def test_locked_gives_the_entry_and_excludes_other_lockers(tmp_path):
     os.close(other)
     with s.locked("NOPE") as missing, s.locked("../etc") as bad:
         assert missing is None and bad is None
+
+
+def test_smtputf8_is_kept_and_old_entries_read_without_it(tmp_path):
+    import json
+
+    s = Spool(str(tmp_path))
+    e = entry("U1")
+    e.smtputf8 = True
+    s.store(e, b"data")
+    assert s.entry("U1").smtputf8 is True
+    old = json.loads(entry("U2").to_json())
+    del old["smtputf8"]  # as written before the field existed
+    (tmp_path / "messages" / "U2").write_bytes(json.dumps(old).encode() + b"\ndata")
+    assert s.entry("U2").smtputf8 is False and s.read("U2") == b"data"

@@ -63,6 +63,8 @@ class GatewayProcess:
     def start(self, timeout: float = 60.0) -> "GatewayProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("MAILGATE_CONFIG", None)
+        if getattr(self, "_log", None):  # a restart after kill(): one handle at a time
+            self._log.close()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             MAILGATE + ["run", "-c", str(self.config_path)], cwd=str(self.workdir), env=env,
@@ -110,6 +112,12 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def delivery_pids(self) -> list[int]:
+        """Pids of the running `mailgate deliver` children of this gateway (read from /proc)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [pid for pid in children(self.proc.pid) if b"deliver" in _cmdline(pid)]
+
     def smtp(self, source_address: Optional[str] = None, timeout: float = 30) -> smtplib.SMTP:
         src = (source_address, 0) if source_address else None
         return smtplib.SMTP(self.host, self.port, timeout=timeout, source_address=src)
@@ -121,6 +129,39 @@ class GatewayProcess:
         """Run another mailgate subcommand against this gateway's config."""
         return subprocess.run(MAILGATE + list(args) + ["-c", str(self.config_path)], cwd=str(self.workdir),
                               capture_output=True, check=check, input=input, timeout=120)
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.append(int(name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def default_records():

@@ -1,0 +1,195 @@
+"""The transaction runner: judges each stage and commits accepted messages.
+
+The protocol (``gateway/smtp.py``) hands it records and gets typed outcomes
+back: a refusal ``Reply`` or ``None`` for MAIL and RCPT, a ``Verdict`` for
+DATA, and from ``commit`` the reply that the message earned.  It never
+writes to the wire; what happened is told as events (``gateway/events.py``).
+
+``commit`` spools only for a client that is still connected: a client that
+left while a slow check ran will retry, and spooling its copy too would
+deliver the message twice (Postfix's smtpd likewise never commits for a
+lost client).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+from twisted.internet import defer
+
+from gateway.errors import Reply, TempFail
+from gateway.events import ClientGone, MessageAnswered, StageRefused
+from gateway.headers import received_header
+from gateway.records import Action, Message, Result, Session, Stage, Transaction, Verdict
+from gateway.spool import QueueEntry, RecipientState
+
+log = logging.getLogger("mailgate.transaction")
+
+SPOOL_TROUBLE = TempFail(451, "4.3.0", "Error: queue file write error, try again later")
+
+
+def _parse(message: Message) -> None:
+    """Makes the message's cached views (in a pool thread)."""
+    message.parsed  # noqa: B018 - the cached_property is the point
+    message.mime_truncated  # noqa: B018
+
+
+class TransactionRunner:
+    """One per session, over the runtime snapshot the session started with.
+
+    ``queue`` has ``enqueue(entry, data)`` and ``quarantine(entry, data,
+    verdict)``, each a Deferred that fires once the message is durable.
+    ``run_in_thread`` runs blocking work off the reactor (the MIME parse).
+    """
+
+    def __init__(self, runtime, clock, queue, events, run_in_thread: Callable):
+        self.runtime = runtime
+        self.clock = clock
+        self.queue = queue
+        self.events = events
+        self.run_in_thread = run_in_thread
+
+    # --- stages before DATA ------------------------------------------------------
+
+    def run_stage(self, stage: Stage, txn: Transaction) -> defer.Deferred:
+        """The records of one stage's checks (each bounded by its deadline)."""
+        pipeline = self.runtime.pipeline
+        if not pipeline.has(stage):
+            return defer.succeed([])
+        return pipeline.run(stage, txn)
+
+    def judge_mail(self, txn: Transaction) -> defer.Deferred:
+        """Fires with a refusal Reply, or None when MAIL FROM is accepted."""
+        def judged(records):
+            txn.envelope.results.extend(records)
+            reply = self.runtime.scorer.decide_stage(records)
+            if reply is not None:
+                self.refused(txn.session, txn.envelope, reply, "mail")
+            return reply
+
+        return self.run_stage(Stage.MAIL, txn).addCallback(judged)
+
+    def judge_rcpt(self, txn: Transaction) -> defer.Deferred:
+        """Fires with a refusal Reply naming the recipient, or None."""
+        rcpt = txn.rcpt
+
+        def judged(records):
+            rcpt.results.extend(records)
+            session = txn.session
+            reply = self.runtime.scorer.decide_stage(list(session.results) + list(session.helo_results) + records)
+            if reply is None:
+                return None
+            self.refused(session, txn.envelope, reply, "rcpt", rcpt.address)
+            return Reply(reply.code, reply.enhanced, f"<{rcpt.address}>: {reply.text}")
+
+        return self.run_stage(Stage.RCPT, txn).addCallback(judged)
+
+    def refused(self, session: Session, envelope, reply: Reply, stage: str, rcpt: str = "") -> None:
+        self.events.emit(StageRefused(session, envelope, stage, reply, rcpt))
+
+    # --- DATA ----------------------------------------------------------------------
+
+    def message(self, txn: Transaction, content: bytes, rdns: Optional[str]) -> Message:
+        """The received bytes with our Received header (naming the client's
+        verified reverse DNS name, when a connect check found one): what the
+        DATA checks see."""
+        session, envelope = txn.session, txn.envelope
+        envelope.size = len(content)
+        rcpt = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
+        proto = ("UTF8" if envelope.smtputf8 else "") + ("ESMTP" if session.esmtp else "SMTP") + \
+            ("S" if session.tls else "") + ("A" if session.auth_user else "")
+        received = received_header(session.helo, rdns, session.peer_ip,
+                                   self.runtime.config.server.hostname, envelope.queue_id, proto, rcpt,
+                                   now=self.clock.seconds())
+        txn.message = Message(received + content, self.runtime.config.server.max_mime_depth)
+        return txn.message
+
+    def judge(self, txn: Transaction) -> defer.Deferred:
+        """Runs the DATA stage and fires with the Verdict on everything the transaction earned.
+
+        The one parsed view every content check shares is made first, in the
+        thread pool: parsing a large or hostile MIME tree is CPU work, and on
+        the reactor it would stall every other session.
+        """
+        def decide(data_records):
+            verdict = self.runtime.scorer.decide(self._all_records(txn, data_records))
+            self._after_verdict(txn, verdict)
+            return verdict
+
+        if not self.runtime.pipeline.has(Stage.DATA):
+            return defer.succeed([]).addCallback(decide)
+        d = self.run_in_thread(_parse, txn.message)
+        d.addCallback(lambda _: self.run_stage(Stage.DATA, txn))
+        return d.addCallback(decide)
+
+    @staticmethod
+    def _all_records(txn: Transaction, data_records: list) -> list:
+        session, envelope = txn.session, txn.envelope
+        seen, rcpt_records = set(), []
+        for r in envelope.recipients:
+            for rec in r.results:
+                key = getattr(rec, "symbol", None) or id(rec)
+                if key not in seen:
+                    seen.add(key)
+                    rcpt_records.append(rec)
+        return (list(session.results) + list(session.helo_results) + list(envelope.results) + rcpt_records
+                + list(data_records))
+
+    def _after_verdict(self, txn: Transaction, verdict: Verdict) -> None:
+        """Checks that learn from the final verdict (Bayes autolearn) see it here;
+        what they do never changes this message's reply."""
+        for check in self.runtime.pipeline.by_stage[Stage.DATA]:
+            hook = getattr(check, "after_verdict", None)
+            if hook is None:
+                continue
+            try:
+                d = hook(txn, verdict)
+            except Exception:
+                log.exception("queue_id=%s check=%s after_verdict failed", txn.queue_id, check.name)
+                continue
+            if isinstance(d, defer.Deferred):
+                d.addErrback(lambda f, name=check.name: log.error(
+                    "queue_id=%s check=%s after_verdict failed: %s", txn.queue_id, name, f.getErrorMessage()))
+
+    def commit(self, txn: Transaction, verdict: Verdict) -> defer.Deferred:
+        """Fires with the reply the message earned, or None for a client that left.
+
+        A refusal is answered as decided; anything else is finished (headers,
+        subject tag), then spooled or quarantined, and 250 only once durable.
+        """
+        session, envelope = txn.session, txn.envelope
+        if session.closed:
+            self.events.emit(ClientGone(session, envelope, verdict))
+            return defer.succeed(None)
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            return defer.succeed(self._answered(txn, verdict, verdict.reply))
+        extra = [r.header for r in verdict.results if isinstance(r, Result) and r.header]
+        finished = self.runtime.finisher.finish(txn.message.raw, verdict, extra,
+                                                tag_subject=not session.may_relay)
+        entry = self._queue_entry(txn, verdict, len(finished))
+        if verdict.action == Action.QUARANTINE:
+            d = self.queue.quarantine(entry, finished, verdict)
+        else:
+            d = self.queue.enqueue(entry, finished)
+        return d.addCallbacks(
+            lambda _: self._answered(txn, verdict, Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")),
+            self._spool_failed, errbackArgs=(txn, verdict))
+
+    def _queue_entry(self, txn: Transaction, verdict: Verdict, size: int) -> QueueEntry:
+        session, envelope = txn.session, txn.envelope
+        return QueueEntry(
+            queue_id=envelope.queue_id, sender=envelope.sender,
+            recipients=[RecipientState(r.address) for r in envelope.recipients],
+            arrival=self.clock.seconds(), client=session.peer_ip, helo=session.helo or "", size=size,
+            verdict={"score": verdict.score, "action": verdict.action.value, "symbols": verdict.symbols},
+            smtputf8=envelope.smtputf8,
+        )
+
+    def _spool_failed(self, failure, txn: Transaction, verdict: Verdict) -> Reply:
+        log.error("queue_id=%s spool_error=%r", txn.queue_id, failure.getErrorMessage())
+        return self._answered(txn, verdict, SPOOL_TROUBLE)
+
+    def _answered(self, txn: Transaction, verdict: Verdict, reply: Reply) -> Reply:
+        self.events.emit(MessageAnswered(txn.session, txn.envelope, verdict, reply))
+        return reply
+
