@@ -144,20 +144,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d))
-        except (OSError, ValueError, IndexError):
-            pass
-    return out
-
-
 # --- SMTP client bits ----------------------------------------------------------------
 
 
@@ -539,6 +525,8 @@ disabled = [{", ".join(f'"{c}"' for c in disabled)}]
             return ""
 
     def delivery_pid(self) -> Optional[int]:
+        from tests.support.gateway import children
+
         kids = children(self.proc.pid)
         return kids[0] if kids else None
 

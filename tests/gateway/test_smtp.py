@@ -480,13 +480,19 @@ def test_dribbled_data_arrives_intact(h, c):
     assert h.queued[0][1].endswith(b"\r\n\r\nHi Bob.\r\n")
 
 
-def test_small_data_reads_pause_reading_so_the_kernel_gathers_the_next():
-    h = Harness(max_message_size=100_000)
+def in_data(h):
+    """A client of ``h`` that has had its 354."""
     c = h.connect()
     c.cmd(b"EHLO client.sender.test")
     c.cmd(b"MAIL FROM:<a@sender.test>")
     c.cmd(b"RCPT TO:<bob@example.test>")
-    c.cmd(b"DATA")
+    assert c.cmd(b"DATA").startswith(START_DATA)
+    return c
+
+
+def test_small_data_reads_pause_reading_so_the_kernel_gathers_the_next():
+    h = Harness(max_message_size=100_000)
+    c = in_data(h)
     c.proto.dataReceived(HAM[:400])
     assert c.transport.producerState == "paused"
     h.clock.advance(protocol_module.COALESCE_FOR)
@@ -550,11 +556,7 @@ def test_slowloris_in_data_is_cut_at_the_deadline(h, c):
 
 def test_data_at_the_minimum_rate_may_take_longer_than_the_timeout():
     h = Harness(max_message_size=200_000)
-    c = h.connect()
-    c.cmd(b"EHLO client.sender.test")
-    c.cmd(b"MAIL FROM:<a@sender.test>")
-    c.cmd(b"RCPT TO:<bob@example.test>")
-    c.cmd(b"DATA")
+    c = in_data(h)
     c.proto.dataReceived(HAM)
     for _ in range(120):  # 120 s at 600 octets a second: over the 60 s timeout, above 500 B/s
         c.proto.dataReceived(b"y" * 598 + b"\r\n")
@@ -606,11 +608,7 @@ def test_a_second_ehlo_replaces_the_first_ones_results_and_counts_them_once():
 def test_no_message_is_spooled_for_a_client_that_left_during_its_checks():
     slow = Later(Stage.DATA)
     h = Harness(checks=[slow])
-    c = h.connect()
-    c.cmd(b"EHLO client.sender.test")
-    c.cmd(b"MAIL FROM:<a@sender.test>")
-    c.cmd(b"RCPT TO:<bob@example.test>")
-    c.cmd(b"DATA")
+    c = in_data(h)
     c.send(HAM + b".\r\n")
     c.proto.connectionLost(None)
     slow.pending[0].callback([])
