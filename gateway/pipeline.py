@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -47,10 +47,20 @@ async def in_thread(run_in_thread, fn, *args):
 
 
 class Pipeline:
-    """``deadlines`` maps a stage to seconds (``[checks.deadlines]``); ``clock``
-    is the reactor that times them.  Without deadlines nothing is timed."""
+    """The checks of each stage, how long a stage may take, and where blocking work runs.
 
-    def __init__(self, checks: Iterable[Check], deadlines: Optional[Mapping[Stage, float]] = None, clock=None):
+    ``deadlines`` maps a stage to seconds (``[checks.deadlines]``); ``clock``
+    is the reactor that times them.  Without deadlines nothing is timed.
+
+    Checks marked ``blocking`` (CPU work on the message) run in
+    ``run_in_thread``, all of a stage's in one call, after the message's
+    parsed view is made there: one trip to the pool per stage, not one per
+    check, and nothing of it on the reactor.  Without ``run_in_thread`` (unit
+    tests, nothing else) they run inline.
+    """
+
+    def __init__(self, checks: Iterable[Check], deadlines: Optional[Mapping[Stage, float]] = None, clock=None,
+                 run_in_thread: Optional[Callable] = None):
         self.by_stage: dict[Stage, list[Check]] = {s: [] for s in Stage}
         for c in checks:
             self.by_stage[c.stage].append(c)
@@ -58,12 +68,13 @@ class Pipeline:
             raise ValueError("stage deadlines need a clock")
         self.deadlines = dict(deadlines or {})
         self.clock = clock
+        self.run_in_thread = run_in_thread or defer.maybeDeferred
 
     @classmethod
-    def from_config(cls, checks: Iterable[Check], config, clock) -> "Pipeline":
+    def from_config(cls, checks: Iterable[Check], config, services) -> "Pipeline":
         d = config.checks.deadlines
         return cls(checks, {Stage.CONNECT: d.connect, Stage.HELO: d.helo, Stage.MAIL: d.mail,
-                            Stage.RCPT: d.rcpt, Stage.DATA: d.data}, clock)
+                            Stage.RCPT: d.rcpt, Stage.DATA: d.data}, services.reactor, services.run_in_thread)
 
     @property
     def checks(self) -> list[Check]:
@@ -73,27 +84,81 @@ class Pipeline:
         return bool(self.by_stage[stage])
 
     def run(self, stage: Stage, txn: Transaction) -> defer.Deferred:
-        """Fires with the list of Result/Failed records of this stage."""
+        """Fires with the list of Result/Failed records of this stage, in check order."""
         checks = self.by_stage[stage]
         if not checks:
             return defer.succeed([])
-        ds = [self._run_one(c, txn) for c in checks]
-        return defer.gatherResults(ds).addCallback(lambda lists: [r for rs in lists for r in rs])
+        blocking = [c for c in checks if c.blocking]
+        # the pool's share first: the parse starts while the others are set going
+        waits = [self.run_in_thread(self._run_blocking, blocking, txn)] if blocking else []
+        waits += [self._start(c, txn) for c in checks if not c.blocking]
+        timer = self._arm(stage, waits)
+        gathered = defer.gatherResults([d.addErrback(self._cancelled) for d in waits], consumeErrors=True)
+        gathered.addBoth(self._disarm, timer)
+        return gathered.addCallback(self._in_order, checks)
 
-    def _run_one(self, check: Check, txn: Transaction) -> defer.Deferred:
+    @staticmethod
+    def _run_blocking(checks: list[Check], txn: Transaction) -> dict:
+        """In a pool thread: the parsed view, then each blocking check in turn."""
+        if txn.message is not None:
+            txn.message.prepare()
+        answers = {}
+        for c in checks:
+            try:
+                answers[c.name] = Pipeline._records(c.check(txn))
+            except Exception:
+                answers[c.name] = Pipeline._crashed(Failure(), c, txn)
+        return answers
+
+    def _start(self, check: Check, txn: Transaction) -> defer.Deferred:
         try:
             d = as_deferred(check.check(txn))
         except Exception:
             d = defer.fail(Failure())
-        deadline = self.deadlines.get(check.stage)
-        if deadline is not None and not d.called:
-            d.addTimeout(deadline, self.clock, onTimeoutCancel=lambda _, timeout: self._late(check, txn, timeout))
-        d.addCallbacks(self._records, self._crashed, errbackArgs=(check, txn))
-        return d
+        return d.addCallbacks(lambda v: {check.name: self._records(v)}, self._failed, errbackArgs=(check, txn))
+
+    def _failed(self, failure: Failure, check: Check, txn: Transaction):
+        if failure.check(defer.CancelledError):
+            return failure  # the stage's deadline: _cancelled answers for it
+        return {check.name: self._crashed(failure, check, txn)}
+
+    def _arm(self, stage: Stage, waits: list):
+        """One timer for the stage: past its deadline every check still out is cancelled."""
+        deadline = self.deadlines.get(stage)
+        if deadline is None or all(d.called for d in waits):
+            return None
+
+        def expire():
+            for d in waits:
+                if not d.called:
+                    d.cancel()
+
+        return self.clock.callLater(deadline, expire)
 
     @staticmethod
-    def _late(check: Check, txn: Transaction, timeout: float) -> Failed:
-        log.warning("queue_id=%s check=%s timeout=no answer within %gs", txn.queue_id, check.name, timeout)
+    def _disarm(result, timer):
+        if timer is not None and timer.active():
+            timer.cancel()
+        return result
+
+    @staticmethod
+    def _cancelled(failure: Failure) -> dict:
+        """A wait cancelled at the stage's deadline answers nothing: its checks are late."""
+        failure.trap(defer.CancelledError)
+        return {}
+
+    def _in_order(self, answered: list[dict], checks: list[Check]) -> list:
+        merged: dict[str, list] = {}
+        for answers in answered:
+            merged.update(answers)
+        out = []
+        for c in checks:
+            out.extend(merged[c.name] if c.name in merged else [self._late(c, self.deadlines[c.stage])])
+        return out
+
+    @staticmethod
+    def _late(check: Check, timeout: float) -> Failed:
+        log.warning("check=%s timeout=no answer within %gs", check.name, timeout)
         return Failed(check.name, f"no answer within {timeout:g}s", severity="tempfail")
 
     @staticmethod

@@ -36,6 +36,9 @@ class Check:
     priority: ClassVar[int] = 100
     # Checks that are off unless [checks] enables them by listing them in order.
     default_enabled: ClassVar[bool] = True
+    # check() is CPU work on the message (regexes, MIME walks): the pipeline runs
+    # it in the thread pool with the stage's other blocking checks, in one trip
+    blocking: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any, services: "Services") -> Optional["Check"]:

@@ -132,6 +132,10 @@ class Message:
     def parsed(self) -> MimePart:
         return parse_mime(self.raw, self.max_mime_depth)
 
+    def prepare(self) -> None:
+        """Makes the views every content check shares (a pool thread calls this)."""
+        self.mime_truncated  # noqa: B018 - computing the cached property (and the parse) is the point
+
     @cached_property
     def mime_truncated(self) -> bool:
         """Some part nests deeper than ``max_mime_depth``: the parsed view

@@ -42,7 +42,7 @@ def build_runtime(config, catalogue: Catalogue, services: Services) -> Runtime:
     log.info("checks=%s", ",".join(f"{c.stage.value}:{c.name}" for c in checks) or "-")
     return Runtime(
         config=config,
-        pipeline=Pipeline.from_config(checks, config, services.reactor),
+        pipeline=Pipeline.from_config(checks, config, services),
         scorer=Scorer.from_config(config),
         finisher=Finisher(config.server.hostname, config.spam.subject_tag),
         local_domains=frozenset(config.relay.domains),

@@ -193,7 +193,7 @@ class Gateway:
         config = self.config
         front = self._build_front(config)
         self.factory = GatewayFactory(front.runtime, self.reactor, enqueue=self._enqueue,
-                                      quarantine=self._quarantine, run_in_thread=self.run_in_thread,
+                                      quarantine=self._quarantine,
                                       auth_guard=AuthGuard(self.services.store, as_deferred))
         self._apply(front)
         # bind before anything else: a second instance on a taken port must not

@@ -57,14 +57,18 @@ MAX_BAD_COMMANDS = 20  # then 421, as Postfix's smtpd_hard_error_limit
 MAX_BACKLOG = 32 * 1024  # unanswered pipelined input we hold before we stop reading
 COMMANDS_PER_TURN = 50  # then the next client gets the reactor
 DATA_SLACK = 4096  # room over max_message_size for our Received header and dot-stuffing
-# A DATA read smaller than this pauses reading for COALESCE_FOR seconds, so
-# that the kernel gathers the next segments into one read: a client that
-# dribbles its message in tiny writes then costs a few reads, not one per
-# write (each read costs the reactor tens of microseconds).  A fast sender's
-# reads are large and never wait; a slow one loses nothing, its data waits
-# in the socket buffer.
+# Past COALESCE_AFTER octets of DATA, a read smaller than COALESCE_BELOW
+# pauses reading for as long as the client, at the rate it has sent so far,
+# takes to send COALESCE_GATHER octets (at most COALESCE_MAX seconds), so that
+# the kernel gathers its next segments into one read.  A client that dribbles
+# a big message in tiny writes then costs a few hundred reads, not one per
+# write (each costs the reactor tens of microseconds).  The pause never lasts
+# longer than filling less than a read's worth takes, so the socket buffer
+# never fills and no sender is slowed; a message of ordinary size never waits.
+COALESCE_AFTER = 64 * 1024
 COALESCE_BELOW = 8192
-COALESCE_FOR = 0.03
+COALESCE_GATHER = 48 * 1024
+COALESCE_MAX = 0.1
 
 # Reply texts used in more than one place; codes per RFC 5321 / 3463.
 BAD_SEQUENCE_HELO = Reject(503, "5.5.1", "Error: send HELO/EHLO first")
@@ -142,7 +146,7 @@ class SMTPServer(protocol.Protocol):
         self.runtime = factory.runtime  # a snapshot: a reload never changes a session midway
         self.portal = factory.portal
         self.tls_context = factory.tls_context
-        self.runner = TransactionRunner(self.runtime, self.clock, factory, factory.events, factory.run_in_thread)
+        self.runner = TransactionRunner(self.runtime, self.clock, factory, factory.events)
         server = self.runtime.config.server
         self.host = server.hostname
         self.timeout = server.idle_timeout
@@ -152,7 +156,7 @@ class SMTPServer(protocol.Protocol):
         self._skipping_long_line = False
         self._data = bytearray()
         self._data_oversize = False
-        self._data_deadline_base = 0.0
+        self._data_started = 0.0
         self._busy = False  # a command waits for its outcome; later input waits its turn
         self._in_process = False
         self._pauses: set[str] = set()  # "consumer" (our replies back up), "turn" (fairness)
@@ -331,9 +335,14 @@ class SMTPServer(protocol.Protocol):
         if self.mode == DATA and not self._busy:
             # Postfix's smtpd_min_data_rate: each octet buys 1/rate seconds more
             self._deadline = (self._deadline or self.clock.seconds()) + len(data) / self._min_data_rate
-            if len(data) < COALESCE_BELOW and self._coalesce_call is None:
-                self._coalesce_call = self.clock.callLater(COALESCE_FOR, self._coalesced)
+            if len(data) < COALESCE_BELOW and len(self._data) > COALESCE_AFTER and self._coalesce_call is None:
+                self._coalesce_call = self.clock.callLater(self._coalesce_for(), self._coalesced)
         self._process()
+
+    def _coalesce_for(self) -> float:
+        elapsed = self.clock.seconds() - self._data_started
+        rate = len(self._data) / elapsed if elapsed > 0 else float("inf")
+        return min(COALESCE_MAX, COALESCE_GATHER / rate)
 
     def _coalesced(self):
         self._coalesce_call = None
@@ -746,6 +755,7 @@ class SMTPServer(protocol.Protocol):
         self.mode = DATA
         # the terminator is CRLF.CRLF; a CRLF in front lets ".\r\n" end an empty message
         self._data, self._data_oversize = bytearray(b"\r\n"), False
+        self._data_started = self.clock.seconds()
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
         self._start_data_deadline()
         return None
@@ -813,11 +823,10 @@ class GatewayFactory(protocol.ServerFactory):
 
     noisy = False
 
-    def __init__(self, runtime, reactor, enqueue: Callable, quarantine: Callable, run_in_thread: Callable,
+    def __init__(self, runtime, reactor, enqueue: Callable, quarantine: Callable,
                  portal=None, tls_context=None, auth_guard=None, events=None):
         self.runtime = runtime
         self.reactor = reactor
-        self.run_in_thread = run_in_thread  # blocking work of a session, off the reactor
         self.enqueue = enqueue  # (QueueEntry, bytes) -> Deferred, fires once durable
         self.quarantine = quarantine  # (QueueEntry, bytes, Verdict) -> Deferred
         self.portal = portal

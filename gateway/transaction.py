@@ -14,7 +14,7 @@ lost client).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 from twisted.internet import defer
 
 from gateway.errors import Reply, TempFail
@@ -28,26 +28,18 @@ log = logging.getLogger("mailgate.transaction")
 SPOOL_TROUBLE = TempFail(451, "4.3.0", "Error: queue file write error, try again later")
 
 
-def _parse(message: Message) -> None:
-    """Makes the message's cached views (in a pool thread)."""
-    message.parsed  # noqa: B018 - the cached_property is the point
-    message.mime_truncated  # noqa: B018
-
-
 class TransactionRunner:
     """One per session, over the runtime snapshot the session started with.
 
     ``queue`` has ``enqueue(entry, data)`` and ``quarantine(entry, data,
     verdict)``, each a Deferred that fires once the message is durable.
-    ``run_in_thread`` runs blocking work off the reactor (the MIME parse).
     """
 
-    def __init__(self, runtime, clock, queue, events, run_in_thread: Callable):
+    def __init__(self, runtime, clock, queue, events):
         self.runtime = runtime
         self.clock = clock
         self.queue = queue
         self.events = events
-        self.run_in_thread = run_in_thread
 
     # --- stages before DATA ------------------------------------------------------
 
@@ -107,20 +99,15 @@ class TransactionRunner:
     def judge(self, txn: Transaction) -> defer.Deferred:
         """Runs the DATA stage and fires with the Verdict on everything the transaction earned.
 
-        The one parsed view every content check shares is made first, in the
-        thread pool: parsing a large or hostile MIME tree is CPU work, and on
-        the reactor it would stall every other session.
+        (The pipeline makes the message's parsed view in the thread pool,
+        before the content checks that read it.)
         """
         def decide(data_records):
             verdict = self.runtime.scorer.decide(self._all_records(txn, data_records))
             self._after_verdict(txn, verdict)
             return verdict
 
-        if not self.runtime.pipeline.has(Stage.DATA):
-            return defer.succeed([]).addCallback(decide)
-        d = self.run_in_thread(_parse, txn.message)
-        d.addCallback(lambda _: self.run_stage(Stage.DATA, txn))
-        return d.addCallback(decide)
+        return self.run_stage(Stage.DATA, txn).addCallback(decide)
 
     @staticmethod
     def _all_records(txn: Transaction, data_records: list) -> list:

@@ -14,6 +14,7 @@ class Gtube(Check):
     name = "gtube"
     stage = Stage.DATA
     priority = 10
+    blocking = True  # a search of the whole body: with the other content work, off the reactor
 
     def check(self, txn):
         # SpamAssassin matches it in the body; the raw bytes hold the body

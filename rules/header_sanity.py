@@ -12,6 +12,7 @@ class HeaderSanity(Check):
     name = "header_sanity"
     stage = Stage.DATA
     priority = 20
+    blocking = True  # reads the parsed view, which the pool thread makes first
 
     def check(self, txn):
         msg = txn.message.parsed

@@ -21,6 +21,7 @@ class MimeStructure(Check):
     name = "mime_structure"
     stage = Stage.DATA
     priority = 20
+    blocking = True  # reads the parsed view, which the pool thread makes first
 
     def check(self, txn):
         message = txn.message

@@ -204,13 +204,12 @@ class SaRules(Check):
     name = "sa_rules"
     stage = Stage.DATA
     priority = 50
+    blocking = True  # thousands of regexes: the pipeline runs it in the thread pool
 
-    def __init__(self, engine: Engine, settings: RulesSettings, hostname: str = "localhost",
-                 run_in_thread=None):
+    def __init__(self, engine: Engine, settings: RulesSettings, hostname: str = "localhost"):
         self.engine = engine
         self.settings = settings
         self.hostname = hostname
-        self.run_in_thread = run_in_thread
         # the config's welcome/block lists joined to the rule files' lists once:
         # every message gets the same list objects
         lists = {k: v for k, v in (("welcome", list(settings.welcomelist_from)),
@@ -230,7 +229,7 @@ class SaRules(Check):
             log.warning("rule file problem: %s", p)
         log.info("rules: %d loaded, %d skipped from %s", len(rs.rules), len(rs.skipped),
                  ", ".join(rule_dirs(settings)) or "(no directories)")
-        return cls(engine, settings, config.server.hostname, getattr(services, "run_in_thread", None))
+        return cls(engine, settings, config.server.hostname)
 
     def evaluate(self, txn) -> list[Result]:
         env = txn.envelope
@@ -249,8 +248,6 @@ class SaRules(Check):
         return [Result(h.name, h.score, h.describe or h.name) for h in hits_report(self.engine, hits)]
 
     def check(self, txn):
-        if self.run_in_thread is not None:
-            return self.run_in_thread(self.evaluate, txn)
         return self.evaluate(txn)
 
 

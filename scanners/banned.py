@@ -141,25 +141,20 @@ class BannedAttachments(Check):
     stage = Stage.DATA
     priority = 15
 
-    def __init__(self, av: AvSettings, run_in_thread=None):
+    blocking = True  # walking every part and opening zips inside zips: not on the reactor
+
+    def __init__(self, av: AvSettings):
         self.av = av
         self.banned = frozenset(av.banned_extensions)
-        self.run_in_thread = run_in_thread
 
     @classmethod
     def from_config(cls, config, services):
         av = getattr(config, "av", None) or AvSettings()
         if not av.banned_attachments:
             return None
-        return cls(av, services.run_in_thread)
+        return cls(av)
 
     def check(self, txn):
-        # walking every part and opening zips inside zips is CPU work: not on the reactor
-        if self.run_in_thread is not None:
-            return self.run_in_thread(self.judge, txn)
-        return self.judge(txn)
-
-    def judge(self, txn):
         reasons = self.find(txn.message.parsed)
         out = [Result(SYMBOL, 0.0, "; ".join(reasons[:3]), refuse="banned")] if reasons else []
         if txn.message.mime_truncated:

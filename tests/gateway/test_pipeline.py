@@ -100,3 +100,68 @@ def test_a_check_past_the_stage_deadline_is_cancelled_and_failed_tempfail():
 def test_deadlines_need_a_clock():
     with pytest.raises(ValueError):
         Pipeline([], {Stage.MAIL: 1.0})
+
+
+class Parses(Check):
+    """A blocking check that sees whether the parsed view was made before it ran."""
+
+    stage, blocking = Stage.DATA, True
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def check(self, txn):
+        self.calls.append((self.name, "parsed" in vars(txn.message)))
+        return [Result(self.name.upper(), 1.0)]
+
+
+def test_blocking_checks_run_in_one_trip_to_the_pool_after_the_parse():
+    from gateway.records import Message
+    from tests.gateway.test_auth import HeldThreads
+
+    calls = []
+    threads = HeldThreads()
+    pipeline = Pipeline([Parses("first", calls), Fixed("inline", [Result("INLINE", 0.5)]),
+                         Parses("second", calls)], run_in_thread=threads)
+    txn = Transaction(Session("Q", "192.0.2.1"), message=Message(b"Subject: x\r\n\r\nbody\r\n"))
+    out = []
+    pipeline.run(Stage.DATA, txn).addCallback(out.extend)
+    assert calls == [] and len(threads.pending) == 1 and "parsed" not in vars(txn.message)
+    threads.run_all()
+    assert calls == [("first", True), ("second", True)]
+    assert [r.symbol for r in out] == ["FIRST", "INLINE", "SECOND"]  # check order, wherever they ran
+
+
+def test_a_blocking_check_that_raises_is_a_failed_record_and_the_others_still_run():
+    class Raises(Check):
+        name, stage, blocking = "raises", Stage.DATA, True
+
+        def check(self, txn):
+            raise RuntimeError("blocking check exploded")
+
+    from gateway.records import Message
+
+    calls = []
+    out = []
+    txn = Transaction(Session("Q", "192.0.2.1"), message=Message(b"Subject: x\r\n\r\nbody\r\n"))
+    Pipeline([Raises(), Parses("after", calls)]).run(Stage.DATA, txn).addCallback(out.extend)
+    assert out[0].check == "raises" and out[0].severity == "error"
+    assert out[1].symbol == "AFTER"
+
+
+def test_a_pool_past_the_stage_deadline_makes_its_checks_late():
+    from tests.gateway.test_auth import HeldThreads
+
+    clock = task.Clock()
+    threads = HeldThreads()
+    calls = []
+    pipeline = Pipeline([Parses("slow", calls)], {Stage.DATA: 2.0}, clock, threads)
+    from gateway.records import Message
+
+    out = []
+    pipeline.run(Stage.DATA, Transaction(Session("Q", "192.0.2.1"), message=Message(b"\r\n"))).addCallback(
+        out.extend)
+    clock.advance(2.0)
+    assert out == [Failed("slow", "no answer within 2s", severity="tempfail")]
+    threads.run_all()  # the thread finishing later changes nothing
+    assert len(out) == 1 and not clock.getDelayedCalls()

@@ -85,8 +85,7 @@ class Harness:
                                frozenset(config.relay.domains),
                                tuple(ipaddress.ip_network(n) for n in config.relay.trusted_networks))
         self.queued = []
-        self.factory = GatewayFactory(self.runtime, self.clock, enqueue=self._enqueue, quarantine=self._enqueue,
-                                      run_in_thread=defer.maybeDeferred)  # no threads: each step at once
+        self.factory = GatewayFactory(self.runtime, self.clock, enqueue=self._enqueue, quarantine=self._enqueue)
         self.peer = peer
 
     def _enqueue(self, entry, data, *verdict):
@@ -491,16 +490,31 @@ def in_data(h):
 
 
 def test_small_data_reads_pause_reading_so_the_kernel_gathers_the_next():
-    h = Harness(max_message_size=100_000)
+    h = Harness(max_message_size=200_000)
     c = in_data(h)
     c.proto.dataReceived(HAM[:400])
+    assert c.transport.producerState == "producing"  # an ordinary message's small reads never wait
+    h.clock.advance(1.0)
+    c.proto.dataReceived(HAM[400:] + b"x" * protocol_module.COALESCE_AFTER + b"\r\n")  # 64 KiB in a second
+    c.proto.dataReceived(b"y" * 400)
     assert c.transport.producerState == "paused"
-    h.clock.advance(protocol_module.COALESCE_FOR)
+    h.clock.advance(protocol_module.COALESCE_MAX)  # at 64 KiB/s 48 KiB take 0.75 s; no pause is that long
     assert c.transport.producerState == "producing"
-    c.proto.dataReceived(HAM[400:] + b"x" * protocol_module.COALESCE_BELOW + b"\r\n")  # a big read: no pause
+    c.proto.dataReceived(b"x" * protocol_module.COALESCE_BELOW + b"\r\n")  # a big read: no pause
     assert c.transport.producerState == "producing"
     c.proto.dataReceived(b"the end\r\n.\r\n")  # small, but the end of DATA: the next command is read at once
     assert c.replies()[-1].startswith(QUEUED) and c.transport.producerState == "producing"
+
+
+def test_a_fast_sender_waits_only_as_long_as_it_takes_to_send_less_than_a_read():
+    h = Harness(max_message_size=2_000_000)
+    c = in_data(h)
+    c.proto.dataReceived(HAM + b"x" * 1_000_000 + b"\r\n")
+    h.clock.advance(0.1)  # 1 MB in 0.1 s: 10 MB/s
+    c.proto.dataReceived(b"y" * 400)
+    assert c.transport.producerState == "paused"
+    h.clock.advance(0.005)  # 48 KiB at 10 MB/s: under 5 ms
+    assert c.transport.producerState == "producing"
 
 
 def test_commands_pipelined_after_the_end_of_data_are_answered_in_order(h, c):

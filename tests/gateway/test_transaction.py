@@ -45,7 +45,7 @@ def runner(checks=(), queue=None):
                       Finisher(config.server.hostname, config.spam.subject_tag), frozenset(config.relay.domains),
                       tuple(ipaddress.ip_network(n) for n in config.relay.trusted_networks))
     events = []
-    return TransactionRunner(runtime, clock, queue or Queue(), EventSink([events.append]), defer.maybeDeferred), events
+    return TransactionRunner(runtime, clock, queue or Queue(), EventSink([events.append])), events
 
 
 def txn_with_message(r):
@@ -118,23 +118,3 @@ def test_a_failing_subscriber_is_logged_not_raised(caplog):
     with caplog.at_level(logging.ERROR):
         sink.emit("fact")
     assert seen == ["fact"] and "subscriber exploded" in caplog.text
-
-
-def test_the_message_is_parsed_in_the_thread_pool_before_the_content_checks():
-    from tests.gateway.test_auth import HeldThreads
-
-    class SeesParsed(Check):
-        name, stage = "sees_parsed", Stage.DATA
-
-        def check(self, txn):
-            assert "parsed" in vars(txn.message), "parsed on the calling thread"
-            return []
-
-    r, _ = runner([SeesParsed()])
-    threads = HeldThreads()
-    r.run_in_thread = threads
-    txn = txn_with_message(r)
-    d = r.judge(txn)
-    assert not d.called and len(threads.pending) == 1 and "parsed" not in vars(txn.message)
-    threads.run_all()
-    assert fired(d).action is Action.ACCEPT

@@ -91,16 +91,18 @@ def test_dnsbl_listings_of_the_mail_stage_feed_check_rbl(tmp_path):
     assert "RCVD_IN_SBL" in symbols
 
 
-def test_work_runs_in_the_thread_pool_when_given():
-    calls = []
+def test_the_pipeline_runs_the_rules_in_the_thread_pool():
+    from gateway.pipeline import Pipeline
+    from gateway.records import Stage
+    from tests.gateway.test_auth import HeldThreads
 
-    def run_in_thread(fn, *args):
-        calls.append(fn)
-        return fn(*args)
-
-    check = SaRules(load_engine(RulesSettings(dirs=[SHIPPED_RULES])), RulesSettings(dirs=[SHIPPED_RULES]),
-                    run_in_thread=run_in_thread)
-    assert check.check(_txn(PHISH)) and calls == [check.evaluate]
+    threads = HeldThreads()
+    check = SaRules(load_engine(RulesSettings(dirs=[SHIPPED_RULES])), RulesSettings(dirs=[SHIPPED_RULES]))
+    out = []
+    Pipeline([check], run_in_thread=threads).run(Stage.DATA, _txn(PHISH)).addCallback(out.extend)
+    assert out == [] and len(threads.pending) == 1  # nothing evaluated on the calling thread
+    threads.run_all()
+    assert out and all(r.symbol for r in out)
 
 
 @pytest.fixture

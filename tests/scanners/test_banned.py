@@ -190,16 +190,3 @@ def test_a_message_nested_past_the_limit_says_what_it_could_not_look_into():
     assert results[1].check == "banned_attachments" and results[1].severity == "none"
     assert "100 levels" in results[1].reason
     assert check(message(b"Content-Type: text/plain\r\n\r\nshallow\r\n")) == []
-
-
-def test_the_walk_runs_in_the_thread_pool_when_the_gateway_gives_one():
-    calls = []
-
-    def run_in_thread(fn, *args):
-        calls.append(fn)
-        return fn(*args)
-
-    txn = Transaction(Session("Q1", "127.0.0.1"), message=Message(message(attachment(
-        'Content-Type: application/octet-stream; name="run.exe"\n', PE))))
-    results = BannedAttachments(AvSettings(), run_in_thread).check(txn)
-    assert [c.__name__ for c in calls] == ["judge"] and results[0].refuse == "banned"
