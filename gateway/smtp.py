@@ -47,7 +47,7 @@ from gateway.errors import Reject, Reply, TempFail
 from gateway.events import default_sink
 from gateway.records import Envelope, Recipient, Session, Stage, Transaction
 from gateway.spool import new_queue_id
-from gateway.transaction import SPOOL_TROUBLE, TransactionRunner
+from gateway.transaction import TransactionRunner
 
 log = logging.getLogger("mailgate.smtp")
 

@@ -361,7 +361,6 @@ from twisted.mail import smtp as twisted_smtp  # noqa: E402
 
 from gateway import smtp as protocol_module  # noqa: E402
 from gateway.auth import AuthUser  # noqa: E402
-from gateway.records import Failed  # noqa: E402
 from gateway.sasl import AuthGuard  # noqa: E402
 from gateway.store import MemoryStore  # noqa: E402
 
