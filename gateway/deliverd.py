@@ -164,7 +164,7 @@ class DeliveryDaemon:
     def _begin(self, spool: Spool):
         from twisted.internet.threads import deferToThreadPool
 
-        from gateway.delivery import Deliverer, Timeouts
+        from gateway.delivery import Deliverer
         from gateway.queue import QueueManager
         from gateway.resolver import Resolver
         from gateway.service import client_tls
@@ -176,11 +176,8 @@ class DeliveryDaemon:
             return deferToThreadPool(self.reactor, pool, fn, *a, **kw)
 
         config = self.config
-        deliverer = Deliverer(
-            reactor=self.reactor, resolver=Resolver.from_config(config.dns), routes=config.routes,
-            hostname=config.server.hostname, timeouts=Timeouts.from_settings(config.queue),
-            tls_client_context_factory=client_tls(), run_in_thread=run_in_thread,
-        )
+        deliverer = Deliverer.from_config(config, self.reactor, Resolver.from_config(config.dns), run_in_thread,
+                                          client_tls())
         self.queue = QueueManager(spool, deliverer, self.reactor, run_in_thread, config.queue,
                                   config.server.hostname, clean_tmp=False)
         log.info("delivery process pid=%d working %s", os.getpid(), spool.root)
@@ -198,7 +195,6 @@ class DeliveryDaemon:
 
     def reload(self) -> None:
         from gateway import config as cfg
-        from gateway.delivery import Timeouts
         from gateway.errors import MailGateError
 
         try:
@@ -206,15 +202,13 @@ class DeliveryDaemon:
         except MailGateError as e:
             log.error("delivery: reload refused, keeping the running config: %s", e)
             return
+        resolver = self.queue.deliverer.resolver
         if new.dns != self.config.dns:  # the next attempts ask the new servers
             from gateway.resolver import Resolver
 
-            self.queue.deliverer.resolver = Resolver.from_config(new.dns)
+            resolver = Resolver.from_config(new.dns)
         self.config = new
-        self.queue.settings = new.queue  # concurrency limits, dead next hops, sweep interval
-        self.queue.deliverer.timeouts = Timeouts.from_settings(new.queue)
-        self.queue.hostname = self.queue.deliverer.hostname = new.server.hostname
-        self.queue.deliverer.routes = new.routes
+        self.queue.reconfigure(new, resolver)
         log.info("delivery process reloaded routes: %s", ", ".join(f"{k} -> {v}" for k, v in new.routes.items()))
 
     def parent_gone(self) -> None:

@@ -165,7 +165,7 @@ class Timeouts:
 
     @classmethod
     def every_command(cls, seconds: float, connect: float = 30.0) -> "Timeouts":
-        """One limit for every phase (tests, and the old ``command_timeout``)."""
+        """One limit for every phase (tests)."""
         return cls(connect, seconds, seconds, seconds, seconds, seconds, seconds, min(seconds, QUIT_TIMEOUT))
 
     def for_command(self, line: bytes) -> tuple[float, str]:
@@ -513,11 +513,9 @@ class Deliverer:
         resolver,
         routes: dict[str, Route],
         hostname: str,
-        connect_timeout: float = 30.0,
         tls_client_context_factory=None,
         *,
         timeouts: Optional[Timeouts] = None,
-        command_timeout: Optional[float] = None,
         smtp_port: int = 25,
         run_in_thread: Callable[..., defer.Deferred] = _default_run_in_thread,
         max_addresses: int = MAX_ADDRESSES,
@@ -528,11 +526,7 @@ class Deliverer:
         self.resolver = resolver
         self.routes = routes
         self.hostname = hostname
-        # ``timeouts`` wins; ``connect_timeout``/``command_timeout`` are the older, coarser knobs
-        if timeouts is None:
-            timeouts = (Timeouts.every_command(command_timeout, connect_timeout) if command_timeout is not None
-                        else Timeouts(connect=connect_timeout))
-        self.timeouts = timeouts  # replaced as a whole on reload
+        self.timeouts = timeouts or Timeouts()  # replaced as a whole on reload
         self.smtp_port = smtp_port  # of "mx" next hops (Postfix: the "smtp" service port)
         if tls_client_context_factory is None:
             tls_client_context_factory = default_tls_context()
@@ -541,6 +535,17 @@ class Deliverer:
         self.max_addresses = max_addresses
         self._rng = rng or random.Random()
         self._clock = clock
+
+    @classmethod
+    def from_config(cls, config, reactor, resolver, run_in_thread, tls_client_context_factory) -> "Deliverer":
+        return cls(reactor=reactor, resolver=resolver, routes=config.routes, hostname=config.server.hostname,
+                   timeouts=Timeouts.from_settings(config.queue),
+                   tls_client_context_factory=tls_client_context_factory, run_in_thread=run_in_thread)
+
+    def configure(self, config, resolver) -> None:
+        """A reload: the next attempts use these routes, servers and deadlines."""
+        self.routes, self.resolver, self.hostname = config.routes, resolver, config.server.hostname
+        self.timeouts = Timeouts.from_settings(config.queue)
 
     # -- the one entry point ----------------------------------------------------
     def deliver(self, queue_id: str, sender: str, recipients: list[str], data: bytes,

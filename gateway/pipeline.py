@@ -64,6 +64,9 @@ class Pipeline:
         self.by_stage: dict[Stage, list[Check]] = {s: [] for s in Stage}
         for c in checks:
             self.by_stage[c.stage].append(c)
+        # which of a stage's checks go to the pool and which start here: decided once
+        self._blocking = {s: [c for c in cs if c.blocking] for s, cs in self.by_stage.items()}
+        self._inline = {s: [c for c in cs if not c.blocking] for s, cs in self.by_stage.items()}
         if deadlines and clock is None:
             raise ValueError("stage deadlines need a clock")
         self.deadlines = dict(deadlines or {})
@@ -80,18 +83,15 @@ class Pipeline:
     def checks(self) -> list[Check]:
         return [c for s in Stage for c in self.by_stage[s]]
 
-    def has(self, stage: Stage) -> bool:
-        return bool(self.by_stage[stage])
-
     def run(self, stage: Stage, txn: Transaction) -> defer.Deferred:
         """Fires with the list of Result/Failed records of this stage, in check order."""
         checks = self.by_stage[stage]
         if not checks:
             return defer.succeed([])
-        blocking = [c for c in checks if c.blocking]
+        blocking = self._blocking[stage]
         # the pool's share first: the parse starts while the others are set going
         waits = [self.run_in_thread(self._run_blocking, blocking, txn)] if blocking else []
-        waits += [self._start(c, txn) for c in checks if not c.blocking]
+        waits += [self._start(c, txn) for c in self._inline[stage]]
         timer = self._arm(stage, waits)
         gathered = defer.gatherResults([d.addErrback(self._cancelled) for d in waits], consumeErrors=True)
         gathered.addBoth(self._disarm, timer)

@@ -260,6 +260,12 @@ class QueueManager:
             self._sweeper.stop()
             self._start_sweeping()
 
+    def reconfigure(self, config, resolver) -> None:
+        """A reload of the whole config: limits, hostname, and the deliverer's routes, servers and deadlines."""
+        self.settings = config.queue
+        self.hostname = config.server.hostname
+        self.deliverer.configure(config, resolver)
+
     # --- entry points --------------------------------------------------------
 
     def enqueue(self, entry: QueueEntry, data: bytes) -> defer.Deferred:

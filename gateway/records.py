@@ -89,6 +89,11 @@ class Session:
         return addr
 
     @property
+    def connection_results(self) -> list:
+        """What the connection earned before any transaction: connect and the latest HELO."""
+        return self.results + self.helo_results
+
+    @property
     def may_relay(self) -> bool:
         return self.trusted or self.auth_user is not None
 

@@ -214,18 +214,14 @@ class Gateway:
     def _make_queue(self, config, spool):
         from gateway import config as cfg
         from gateway.deliverd import DeliveryAgent
-        from gateway.delivery import Deliverer, Timeouts
+        from gateway.delivery import Deliverer
         from gateway.queue import QueueManager
 
         if config.queue.delivery_process:
             if self.source is None:
                 self.source = cfg.load_with_source(self.config_path, self.catalogue.sections)[1]
             return DeliveryAgent(spool, self.reactor, self.run_in_thread, self.source)
-        deliverer = Deliverer(
-            reactor=self.reactor, resolver=self.resolver, routes=config.routes,
-            hostname=config.server.hostname, timeouts=Timeouts.from_settings(config.queue),
-            tls_client_context_factory=client_tls(), run_in_thread=self.run_in_thread,
-        )
+        deliverer = Deliverer.from_config(config, self.reactor, self.resolver, self.run_in_thread, client_tls())
         return QueueManager(spool, deliverer, self.reactor, self.run_in_thread, config.queue,
                             config.server.hostname, clean_tmp=False)
 
@@ -291,13 +287,7 @@ class Gateway:
         if isinstance(self.queue, DeliveryAgent):  # the delivery process re-reads the running config
             self.queue.reload(source)
             return
-        from gateway.delivery import Timeouts
-
-        self.queue.settings = new.queue  # as the delivery process does (gateway/deliverd.py)
-        self.queue.hostname = new.server.hostname
-        deliverer = self.queue.deliverer
-        deliverer.timeouts = Timeouts.from_settings(new.queue)
-        deliverer.routes, deliverer.resolver, deliverer.hostname = new.routes, self.resolver, new.server.hostname
+        self.queue.reconfigure(new, self.resolver)
 
     def _log_reloaded(self, old, new, front: Front) -> None:
         restart = needs_restart(self.started_with, new)

@@ -173,8 +173,7 @@ class SMTPServer(protocol.Protocol):
         self._auth_failures = 0
         self._mechanism = None
         self.session: Optional[Session] = None
-        self.envelope: Optional[Envelope] = None
-        self._txn: Optional[Transaction] = None
+        self._txn: Optional[Transaction] = None  # from MAIL to the end of DATA or RSET
         self._pre_mail: defer.Deferred = defer.succeed(None)
         self._conn_state: dict = {}  # what connect/helo checks learned (e.g. the verified rDNS name)
 
@@ -200,7 +199,7 @@ class SMTPServer(protocol.Protocol):
         pause = self.runtime.config.server.greet_pause
         if pause > 0:
             self._greet_call = self.clock.callLater(pause, self._greet)
-            self._expect_command()
+            self._expect_input()
         else:
             self._greet()
 
@@ -213,7 +212,7 @@ class SMTPServer(protocol.Protocol):
             return
         self._greeted = True
         self._send(Reply(220, "", f"{self.host} ESMTP MailGate"))
-        self._expect_command()
+        self._expect_input()
         self._process()
 
     def connectionLost(self, reason=protocol.connectionDone):
@@ -238,21 +237,16 @@ class SMTPServer(protocol.Protocol):
 
     # --- deadlines -----------------------------------------------------------
 
-    def _expect_command(self):
-        """The client owes us a command: it must be complete within idle_timeout."""
-        self._set_deadline(self.clock.seconds() + self.timeout)
+    def _expect_input(self):
+        """The client owes us a command, or its message after the 354: within idle_timeout.
 
-    def _set_deadline(self, when: Optional[float]) -> None:
-        """One timer, moved lazily: a later deadline is noticed when the
-        timer fires, so the per-chunk cost in DATA is an assignment."""
-        self._deadline = when
-        if when is None:
-            return
-        call = self._deadline_call
-        if call is None or not call.active():
-            self._deadline_call = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._deadline_due)
-        elif call.getTime() > when:
-            call.reset(max(0.0, when - self.clock.seconds()))
+        One timer, moved lazily: a later deadline is noticed when the timer
+        fires, so the per-chunk cost in DATA is an assignment.
+        """
+        self._deadline = self.clock.seconds() + self.timeout
+        if self._deadline_call is None or not self._deadline_call.active():
+            # a timer already set fires no later than this deadline: it re-arms for the rest then
+            self._deadline_call = self.clock.callLater(self.timeout, self._deadline_due)
 
     def _deadline_due(self):
         self._deadline_call = None
@@ -332,9 +326,9 @@ class SMTPServer(protocol.Protocol):
         if not self._greeted:
             self._early_talker = True
         self._buf += data
-        if self.mode == DATA and not self._busy:
+        if self.mode == DATA:
             # Postfix's smtpd_min_data_rate: each octet buys 1/rate seconds more
-            self._deadline = (self._deadline or self.clock.seconds()) + len(data) / self._min_data_rate
+            self._deadline += len(data) / self.runtime.config.server.min_data_rate
             if len(data) < COALESCE_BELOW and len(self._data) > COALESCE_AFTER and self._coalesce_call is None:
                 self._coalesce_call = self.clock.callLater(self._coalesce_for(), self._coalesced)
         self._process()
@@ -347,10 +341,6 @@ class SMTPServer(protocol.Protocol):
     def _coalesced(self):
         self._coalesce_call = None
         self._update_reading()
-
-    @property
-    def _min_data_rate(self) -> int:
-        return self.runtime.config.server.min_data_rate
 
     def _process(self):
         """Handle buffered input, one command at a time, a bounded number per turn."""
@@ -398,7 +388,7 @@ class SMTPServer(protocol.Protocol):
                 # skip to the line's end; its CR may be the window's last octet
                 self._pos, self._skipping_long_line = pos + limit - 1, True
                 self._error(LINE_TOO_LONG)
-                self._expect_command()
+                self._expect_input()
                 return True
             return False
         line = bytes(buf[pos:end])
@@ -408,7 +398,7 @@ class SMTPServer(protocol.Protocol):
         else:
             self._command(line)
         if not self._busy and self.mode != DATA:
-            self._expect_command()
+            self._expect_input()
         return True
 
     def _command(self, line: bytes) -> None:
@@ -453,13 +443,10 @@ class SMTPServer(protocol.Protocol):
         self._send(INTERNAL_ERROR)
 
     def _unbusy(self, _):
-        self._busy = False
+        self._busy = False  # (never in DATA: the message is judged after it ends)
         if self.mode == CLOSED:
             return
-        if self.mode == DATA:
-            self._start_data_deadline()
-        else:
-            self._expect_command()
+        self._expect_input()
         self._process()
 
     # --- session commands ------------------------------------------------------
@@ -561,8 +548,7 @@ class SMTPServer(protocol.Protocol):
             return self._send(UNSUPPORTED_MECHANISM)
         if not self._auth_allowed_here():
             return self._send(ENCRYPTION_REQUIRED)
-        guard = self.factory.auth_guard  # None: no limit per client address (tests of the exchange)
-        d = guard.blocked(self.session.ip, self.runtime.config.auth) if guard else defer.succeed(False)
+        d = self.factory.auth_guard.blocked(self.session.ip, self.runtime.config.auth)
         return d.addCallback(self._auth_start, name, initial.strip(" "))
 
     def _auth_start(self, blocked: bool, name: str, initial: str):
@@ -633,9 +619,9 @@ class SMTPServer(protocol.Protocol):
         log.info("queue_id=%s client=%s auth=failed failures=%d", self.session.queue_id, self.session.peer_ip,
                  self._auth_failures)
         settings = self.runtime.config.auth
-        if self.factory.auth_guard is not None:
-            counted = self.factory.auth_guard.failed(self.session.ip, settings)
-            counted.addErrback(lambda f: log.error("auth failure count not stored: %s", f.getErrorMessage()))
+        counted = self.factory.auth_guard.failed(self.session.ip, settings)
+        counted.addErrback(lambda f: log.error("queue_id=%s auth failure count not stored: %s",
+                                               self.session.queue_id, f.getErrorMessage()))
         delayed = defer.Deferred()
         self.clock.callLater(settings.failure_delay, delayed.callback, None)
         return delayed.addCallback(self._auth_failure_answered, settings.max_failures)
@@ -682,10 +668,8 @@ class SMTPServer(protocol.Protocol):
             return self._send(reply)
         self.session.transactions += 1
         qid = self.session.queue_id if self.session.transactions == 1 else new_queue_id()
-        envelope = Envelope(queue_id=qid, sender=path.address, sender_params=path.params,
-                            smtputf8="SMTPUTF8" in path.params)
-        self.envelope = envelope
-        self._txn = Transaction(self.session, envelope)
+        self._txn = Transaction(self.session, Envelope(queue_id=qid, sender=path.address, sender_params=path.params,
+                                                       smtputf8="SMTPUTF8" in path.params))
         d = self._pre_mail.addCallback(lambda _: self.runner.judge_mail(self._txn))
         self._pre_mail = defer.succeed(None)
         return d.addCallback(self._mail_judged)
@@ -757,13 +741,10 @@ class SMTPServer(protocol.Protocol):
         self._data, self._data_oversize = bytearray(b"\r\n"), False
         self._data_started = self.clock.seconds()
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
-        self._start_data_deadline()
+        self._expect_input()
         return None
 
     # --- DATA ----------------------------------------------------------------
-
-    def _start_data_deadline(self):
-        self._set_deadline(self.clock.seconds() + self.timeout)
 
     def _data_step(self) -> bool:
         """Move input into the message until the terminator.  True when it was found."""
@@ -809,8 +790,11 @@ class SMTPServer(protocol.Protocol):
         if reply is not None:
             self._send(reply)
 
+    @property
+    def envelope(self) -> Optional[Envelope]:
+        return self._txn.envelope if self._txn is not None else None
+
     def _reset_transaction(self):
-        self.envelope = None
         self._txn = None
 
 
@@ -823,8 +807,8 @@ class GatewayFactory(protocol.ServerFactory):
 
     noisy = False
 
-    def __init__(self, runtime, reactor, enqueue: Callable, quarantine: Callable,
-                 portal=None, tls_context=None, auth_guard=None, events=None):
+    def __init__(self, runtime, reactor, enqueue: Callable, quarantine: Callable, auth_guard,
+                 portal=None, tls_context=None, events=None):
         self.runtime = runtime
         self.reactor = reactor
         self.enqueue = enqueue  # (QueueEntry, bytes) -> Deferred, fires once durable

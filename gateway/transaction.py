@@ -44,11 +44,8 @@ class TransactionRunner:
     # --- stages before DATA ------------------------------------------------------
 
     def run_stage(self, stage: Stage, txn: Transaction) -> defer.Deferred:
-        """The records of one stage's checks (each bounded by its deadline)."""
-        pipeline = self.runtime.pipeline
-        if not pipeline.has(stage):
-            return defer.succeed([])
-        return pipeline.run(stage, txn)
+        """The records of one stage's checks (bounded by the stage's deadline)."""
+        return self.runtime.pipeline.run(stage, txn)
 
     def judge_mail(self, txn: Transaction) -> defer.Deferred:
         """Fires with a refusal Reply, or None when MAIL FROM is accepted."""
@@ -68,7 +65,7 @@ class TransactionRunner:
         def judged(records):
             rcpt.results.extend(records)
             session = txn.session
-            reply = self.runtime.scorer.decide_stage(list(session.results) + list(session.helo_results) + records)
+            reply = self.runtime.scorer.decide_stage(session.connection_results + records)
             if reply is None:
                 return None
             self.refused(session, txn.envelope, reply, "rcpt", rcpt.address)
@@ -119,8 +116,7 @@ class TransactionRunner:
                 if key not in seen:
                     seen.add(key)
                     rcpt_records.append(rec)
-        return (list(session.results) + list(session.helo_results) + list(envelope.results) + rcpt_records
-                + list(data_records))
+        return session.connection_results + list(envelope.results) + rcpt_records + list(data_records)
 
     def _after_verdict(self, txn: Transaction, verdict: Verdict) -> None:
         """Checks that learn from the final verdict (Bayes autolearn) see it here;

@@ -41,9 +41,12 @@ def program(name: str) -> str:
     sys.exit(f"bench: {name} not found (make bench installs postfix's tools)")
 
 
-def wait_port(port: int, timeout: float = 120.0) -> None:
+def wait_port(port: int, timeout: float = 120.0, proc=None, log=lambda: "") -> None:
+    """Until something greets on ``port``; fails at once if ``proc`` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log()[-3000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.settimeout(5)
@@ -51,7 +54,7 @@ def wait_port(port: int, timeout: float = 120.0) -> None:
                     return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"nothing answers on port {port}")
+    raise RuntimeError(f"nothing answers on port {port}:\n{log()[-3000:]}")
 
 
 def smtp_source(port: int, sessions: int, messages: int, size: int = 5120) -> float:

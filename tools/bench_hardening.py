@@ -502,21 +502,9 @@ disabled = [{", ".join(f'"{c}"' for c in disabled)}]
         env.pop("MAILGATE_CONFIG", None)  # the gateway runs the code beside this file, as the bench does
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(config)], cwd=workdir,
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
+        from tools.bench import wait_port
 
-    def _wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mailgate exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.settimeout(5)
-                    if s.recv(100).startswith(b"220"):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"mailgate does not answer on {self.port}:\n{self.log_text()[-3000:]}")
+        wait_port(self.port, proc=self.proc, log=self.log_text)
 
     def log_text(self) -> str:
         try:

@@ -98,7 +98,7 @@ def run_in_thread(reactor):
 
 
 def deliverer(reactor, routes, resolver=None, **kw) -> Deliverer:
-    kw.setdefault("connect_timeout", 5)
+    kw.setdefault("timeouts", Timeouts(connect=5))
     return Deliverer(reactor, resolver, {k: parse_route(v) for k, v in routes.items()}, HOSTNAME, **kw)
 
 
@@ -243,7 +243,7 @@ def test_silent_server_times_out_and_is_deferred(reactor, run):
         silent.bind(("127.0.0.1", 0))
         silent.listen(5)
         port = silent.getsockname()[1]
-        d = deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{port}"}, command_timeout=0.5)
+        d = deliverer(reactor, {"*": f"smtp:[127.0.0.1]:{port}"}, timeouts=Timeouts.every_command(0.5, connect=5))
         (o,) = run(d.deliver("Q10", "a@s.test", ["b@x.test"], MESSAGE))
     assert o.status == DEFERRED
     assert "timeout" in o.reply.lower()

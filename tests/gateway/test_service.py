@@ -487,8 +487,13 @@ def test_reload_rebuilds_the_resolver_only_when_dns_changed(tmp_path):
     front = gw._build_front(gw.config)
     gw.factory = SimpleNamespace()  # what a reload swaps: attributes the protocol reads per connection
     gw._apply(front)
-    gw.queue = SimpleNamespace(settings=None, hostname=None,  # the in-process queue manager's parts a reload sets
-                               deliverer=SimpleNamespace(routes=None, resolver=None, hostname=None))
+    from gateway.delivery import Deliverer
+    from gateway.queue import QueueManager
+    from gateway.spool import Spool
+
+    gw.queue = QueueManager(Spool(str(tmp_path / "queue")),  # the in-process queue manager, never started
+                            Deliverer.from_config(gw.config, gw.reactor, gw.resolver, None, False), gw.reactor,
+                            None, gw.config.queue, gw.config.server.hostname)
     first = gw.resolver
     path.write_text('[dns]\nnameservers = ["127.0.0.1:5301"]\n[spam]\nthreshold = 4.0\n')
     gw.reload()
