@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test system-deps bench clean lint
+.PHONY: install run test system-deps bench clean lint screenshots
 
 install: $(STAMP)
 
@@ -16,7 +16,13 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 run: install
+	@echo "Mail Monitor (web console): http://127.0.0.1:8025/ ([web] listen in the config)"
+	@echo "  first admin: $(BIN)/mailgate web adduser NAME   (then log in; --role viewer for read-only users)"
 	$(BIN)/mailgate run
+
+# the Mail Monitor's pages in headless Chromium, saved for the README
+screenshots: install system-deps
+	MAILGATE_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider tests/monitor/test_browser.py
 
 # Debian packages the integration tests start for real (clamd, rbldnsd, DNS
 # servers, slapd, c-icap, postfix's smtp-sink/smtp-source, swaks).

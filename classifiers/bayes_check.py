@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from classifiers.model import HAM, SPAM, BayesModel, ModelError
 from gateway.config import Duration, Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Result, Stage
 
 log = logging.getLogger("mailgate.bayes")
@@ -158,6 +158,9 @@ class ModelHolder:
 class BayesCheck(Check):
     name = "bayes"
     stage = Stage.DATA
+    symbols = tuple(Symbol(name, DEFAULT_SCORES[name], "bayes",
+                           f"Bayes spam probability is {low:.0%} or more" if low else "Bayes spam probability is under 1%")
+                    for name, low in BANDS + (EXTRA_BAND,))
     priority = 50
 
     def __init__(self, settings: BayesSettings, run_in_thread: Callable[..., Any],
@@ -172,7 +175,19 @@ class BayesCheck(Check):
 
     @classmethod
     def from_config(cls, config, services):
-        return cls(config.bayes, services.run_in_thread)
+        check = cls(config.bayes, services.run_in_thread)
+        # sa_rules scores the stock rules with SpamAssassin's Bayes score sets
+        # (2, 3) only while a model can scan, as SpamAssassin does; rules/
+        # does not import classifiers/, so it asks through the shared services
+        extra = getattr(services, "extra", None)
+        if extra is not None:
+            extra["bayes.ready"] = check.ready
+        return check
+
+    def ready(self) -> bool:
+        """A trained model is loaded (SpamAssassin's ``is_scan_available``)."""
+        model = self.holder.current()
+        return model is not None and model.is_trained(self.settings.min_spam, self.settings.min_ham)
 
     def check(self, txn):
         return self.run_in_thread(self.classify, txn.message.raw)

@@ -125,9 +125,11 @@ class Report:
         return "\n".join(lines)
 
 
-def train_on(samples: Sequence[Sample], settings: ModelSettings, calibrate: bool = True) -> BayesModel:
+def train_on(samples: Sequence[Sample], settings: ModelSettings, calibrate: bool = True,
+             full_evidence: Optional[float] = None) -> BayesModel:
     model = BayesModel(settings)
-    model.fit(model.vectors([s.tokens for s in samples]), np.array([s.label for s in samples]), calibrate)
+    model.fit(model.vectors([s.tokens for s in samples]), np.array([s.label for s in samples]), calibrate,
+              full_evidence=full_evidence)
     return model
 
 
@@ -139,7 +141,8 @@ def score_samples(model: BayesModel, samples: Sequence[Sample]) -> np.ndarray:
 
 def cross_validate(samples: Sequence[Sample], settings: ModelSettings, folds: int, threshold: float,
                    scores: Optional[dict] = None, only_fold: Optional[int] = None,
-                   progress: Optional[Callable[[int, int], None]] = None) -> Report:
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   full_evidence: Optional[float] = None) -> Report:
     """k-fold by file-name hash; ``only_fold`` runs one fold (0 = the 80/20 split)."""
     fold = np.array([fold_of(s.name, folds) for s in samples])
     probs = np.full(len(samples), np.nan)
@@ -147,7 +150,7 @@ def cross_validate(samples: Sequence[Sample], settings: ModelSettings, folds: in
     for n, k in enumerate(which):
         train = [s for s, f in zip(samples, fold) if f != k]
         test_idx = np.flatnonzero(fold == k)
-        model = train_on(train, settings)
+        model = train_on(train, settings, full_evidence=full_evidence)
         probs[test_idx] = score_samples(model, [samples[i] for i in test_idx])
         if progress:
             progress(n + 1, len(which))
@@ -176,3 +179,117 @@ def load_samples(paths: Iterable[str], label: int, tokenizer: Callable[[bytes], 
             if progress:
                 progress()
     return out
+
+
+# --- the whole pipeline: rules + Bayes, configured or learned weights ---------
+
+
+@dataclass
+class PipelineRow:
+    """One configuration on one split: every test message's points."""
+
+    variant: str
+    split: str
+    labels: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+    points: list = field(default_factory=list)
+
+    def add(self, labels, sources, points) -> None:
+        self.labels += list(labels)
+        self.sources += list(sources)
+        self.points += [float(p) for p in points]
+
+    def figures(self, threshold: float, hard_source: str = "hard_ham") -> dict:
+        y = np.array(self.labels)
+        pts = np.array(self.points)
+        called = pts >= threshold
+        ham, spam = y != SPAM, y == SPAM
+        hard = ham & np.array([os.path.basename(str(s).rstrip("/")) == hard_source for s in self.sources], bool)
+        return {"ham": int(ham.sum()), "fp": int((called & ham).sum()),
+                "spam": int(spam.sum()), "tp": int((called & spam).sum()),
+                "hard": int(hard.sum()), "hard_fp": int((called & hard).sum()),
+                "easy_ham": int((ham & ~hard).sum()), "easy_fp": int((called & ham & ~hard).sum())}
+
+
+def pipeline_parts(samples: Sequence[Sample], split: str, folds: int = 5,
+                   era_train: Sequence[str] = (), era_test: Sequence[str] = ()) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train indices, test indices) of a split: "80/20" (fold 0 of 5 by
+    file-name hash), "cv" (every fold) or "era" (by source set name)."""
+    if split in ("80/20", "cv"):
+        fold = np.array([fold_of(s.name, folds) for s in samples])
+        which = [0] if split == "80/20" else range(folds)
+        return [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in which]
+    if split == "era":
+        base = [os.path.basename(str(s.source).rstrip("/")) for s in samples]
+        train = np.array([b in era_train for b in base])
+        test = np.array([b in era_test for b in base])
+        return [(np.flatnonzero(train), np.flatnonzero(test))]
+    raise ValueError(f"unknown split {split!r}")
+
+
+def evaluate_pipeline(samples: Sequence[Sample], hits: dict[str, list[dict]], parts: dict[str, list],
+                      settings: ModelSettings, learn: Sequence[str] = (), fit_options: Optional[dict] = None,
+                      band_scores: Optional[dict] = None, full_evidence: Optional[float] = None,
+                      progress: Optional[Callable[[str], None]] = None) -> list[PipelineRow]:
+    """Scores each split's test messages as the gateway would.
+
+    ``hits``: per rules configuration, each message's symbols and points as
+    ``mailgate score --json`` gave them (Bayes left out).  Per part, a
+    Bayes model is trained on the training messages only; its band is added
+    to each test message's points.  For the configurations in ``learn``,
+    weights are also fitted on the training messages (with their held-out
+    Bayes probabilities, classifiers.fit_scores) and the test messages
+    scored with them: the "after" of the before/after table.
+    """
+    from classifiers.fit_scores import Hits, fit_scores
+
+    band_scores = band_scores or dict(DEFAULT_SCORES)
+    labels = np.array([s.label for s in samples])
+    rows: dict[tuple[str, str], PipelineRow] = {}
+
+    def row(variant, split):
+        return rows.setdefault((variant, split), PipelineRow(variant, split))
+
+    cache: dict[bytes, tuple] = {}
+    for split, split_parts in parts.items():
+        for train, test in split_parts:
+            key = hashlib.sha1(np.asarray(train, dtype=np.int64).tobytes()).digest()
+            if key not in cache:
+                model = train_on([samples[i] for i in train], settings, full_evidence=full_evidence)
+                p_train = model.heldout_probability()
+                fits = {}
+                for name in learn:
+                    fits[name] = fit_scores(Hits([hits[name][i] for i in train], labels[train]), p_train,
+                                            **(fit_options or {}))
+                cache[key] = (model, fits)
+                if progress:
+                    progress(f"{split}: trained on {len(train)}")
+            model, fits = cache[key]
+            p_test = score_samples(model, [samples[i] for i in test])
+            srcs = [samples[i].source for i in test]
+            row("Bayes alone", split).add(labels[test], srcs, [band_score(p, band_scores) for p in p_test])
+            for name, rows_hits in hits.items():
+                pts = [sum(rows_hits[i].values()) + band_score(p, band_scores) for i, p in zip(test, p_test)]
+                row(f"{name} + Bayes", split).add(labels[test], srcs, pts)
+                if name in fits:
+                    fit = fits[name]
+                    row(f"{name} + learned weights + Bayes", split).add(
+                        labels[test], srcs, [fit.points(rows_hits[i], p) for i, p in zip(test, p_test)])
+    return list(rows.values())
+
+
+def format_pipeline(rows: Sequence[PipelineRow], threshold: float, split_names: Optional[dict] = None) -> str:
+    """The accuracy table: one line per configuration and split."""
+    split_names = split_names or {}
+    head = (f"{'configuration':<38} {'split':<14} {'ham FP':>16} {'hard_ham FP':>13} {'other ham FP':>16} "
+            f"{'spam recall':>18}")
+    lines = [f"at threshold {threshold:g}", head, "-" * len(head)]
+    for r in rows:
+        f = r.figures(threshold)
+        fp = f"{f['fp']}/{f['ham']} {100 * f['fp'] / max(1, f['ham']):5.2f}%"
+        hard = f"{f['hard_fp']}/{f['hard']}" if f["hard"] else "-"
+        easy = f"{f['easy_fp']}/{f['easy_ham']} {100 * f['easy_fp'] / max(1, f['easy_ham']):5.2f}%"
+        rec = f"{f['tp']}/{f['spam']} {100 * f['tp'] / max(1, f['spam']):6.2f}%"
+        lines.append(f"{r.variant:<38} {split_names.get(r.split, r.split):<14} {fp:>16} {hard:>13} {easy:>16} "
+                     f"{rec:>18}")
+    return "\n".join(lines)

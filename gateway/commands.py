@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import time
 
 from gateway.errors import MailGateError
 
@@ -34,7 +33,7 @@ def cmd_deliver(args) -> int:
 def cmd_check_config(args) -> int:
     from gateway import config as cfg
     from gateway.auth import users_of
-    from gateway.plugins import discover, select
+    from gateway.plugins import check_scores, discover, select, symbol_table
     from gateway.service import server_tls
 
     path = cfg.find_config_path(args.config)
@@ -42,7 +41,10 @@ def cmd_check_config(args) -> int:
     cfg.check_files(config, path or "(embedded default)")  # as `run` and a reload do
     server_tls(config.server)  # and their content must be usable, as `run` needs it
     users_of(config.auth)
-    checks = select(discover(), config)
+    catalogue = discover()
+    checks = select(catalogue, config)
+    # a [scores] key naming no declared symbol is a typo that would silently score nothing
+    check_scores(config, symbol_table(catalogue, config), path or "(embedded default)")
     print(f"config ok: listen={','.join(str(l) for l in config.server.listen)} "
           f"domains={','.join(config.relay.domains) or '-'} checks={','.join(c.name for c in checks)}")
     return 0
@@ -55,7 +57,9 @@ def cmd_score(args) -> int:
     """Runs the DATA-stage checks offline on message files."""
     from gateway.cli import load_config
     from gateway.service import install_reactor
+    from rules.sa.session_facts import check_options
 
+    check_options(args.client_ip, args.rcpt)  # a bad option is refused before any work
     config = load_config(args)
     reactor = install_reactor()
     from twisted.internet import task
@@ -82,9 +86,13 @@ def _score_all(config, reactor, args):
     from gateway.resolver import Resolver
     from gateway.runtime import build_runtime
     from gateway.sources import iter_messages
+    from rules.sa.received import INFERRED
+    from rules.sa.session_facts import session_facts
 
     services = Services(reactor=reactor, resolver=Resolver.from_config(config.dns), run_in_thread=deferToThread)
     runtime = build_runtime(config, discover(), services)
+    rules = getattr(config, "rules", None)
+    trust = rules.trust() if rules is not None else INFERRED
 
     @defer.inlineCallbacks
     def go():
@@ -94,10 +102,13 @@ def _score_all(config, reactor, args):
             if raw.startswith(b"From "):  # mbox envelope line, not a header
                 raw = raw.split(b"\r\n", 1)[1] if b"\r\n" in raw else b""
             msg = Message(raw, config.server.max_mime_depth)
-            sender = (msg.parsed.get("Return-Path") or "").strip("<> ")
-            session = Session(queue_id="offline", peer_ip="127.0.0.1")
-            env = Envelope(queue_id="offline", sender=sender,
-                           recipients=[Recipient("postmaster@localhost", "localhost")])
+            # the session the file would have had at our gateway (its Received
+            # chain), not loopback: see rules/sa/session_facts.py
+            facts = session_facts(raw, trust, client_ip=args.client_ip, helo=args.helo, rcpt=args.rcpt)
+            session = Session(queue_id="offline", peer_ip=facts.client_ip, helo=facts.helo,
+                              esmtp=True)
+            env = Envelope(queue_id="offline", sender=facts.sender,
+                           recipients=[Recipient(facts.rcpt, facts.rcpt.rpartition("@")[2].lower().rstrip("."))])
             records = yield runtime.pipeline.run(Stage.DATA, Transaction(session, env, msg))
             verdict = runtime.scorer.decide(records)
             count += 1
@@ -107,6 +118,9 @@ def _score_all(config, reactor, args):
                     "symbols": verdict.symbols, "required": verdict.required,
                     "tests": {r.symbol: r.score for r in verdict.results},
                     "failed": [f"{f.check}: {f.reason}" for f in verdict.failures],
+                    "session": {"client_ip": facts.client_ip, "client_rdns": facts.client_rdns,
+                                "helo": facts.helo, "from": facts.client_source, "rcpt": facts.rcpt,
+                                "rcpt_from": facts.rcpt_source, "sender": facts.sender},
                 }), flush=True)
             else:
                 print(f"{label}\t{verdict.score:.1f}\t{verdict.action.value}\t{','.join(verdict.symbols) or '-'}",
@@ -149,9 +163,6 @@ def _signal_gateway(spool, sig) -> bool:
         return False
 
 
-_DONE = {"delete": "deleted", "hold": "held", "release": "released"}
-
-
 def cmd_queue(args) -> int:
     spool = _spool(args)
     action = args.action
@@ -164,16 +175,12 @@ def cmd_queue(args) -> int:
                 print(f"    <{r.address}> {r.status}{' ' + r.reply if r.reply else ''}")
         print(f"-- {len(entries)} message(s) in queue")
         return 0
+    # changes go through the monitor's service layer: audited and tracked like the console's
+    told: list = []
+    actions = _actions(args, spool, told)
     if action == "flush":
-        ids = []
-        for listed in spool.entries():
-            with spool.locked(listed.queue_id) as e:
-                if e is not None and not e.held:
-                    e.next_try = 0
-                    spool.update(e)
-                    ids.append(e.queue_id)
-        told = _signal_gateway(spool, signal.SIGUSR1)
-        print(f"flush: {len(ids)} message(s){'' if told else ' (gateway not running; they go at its next start)'}")
+        done = actions.queue_flush(_actor())
+        print(f"{done.text}{'' if all(told) else ' (gateway not running; they go at its next start)'}")
         return 0
     _need_id(args)
     entry = spool.entry(args.id)
@@ -184,30 +191,28 @@ def cmd_queue(args) -> int:
         print()
         sys.stdout.buffer.write(spool.read(args.id))
         return 0
-    # under the message's lock: a delivery attempt finishing now keeps this change
-    with spool.locked(args.id) as entry:
-        if entry is None:
-            raise MailGateError(f"queue {action}: message {args.id!r} left the queue meanwhile")
-        if action == "delete":
-            spool.remove(args.id)
-        elif action == "hold":
-            entry.held = True
-            spool.update(entry)
-        elif action == "release":
-            entry.held, entry.next_try = False, 0
-            spool.update(entry)
-    if action == "release":
-        _signal_gateway(spool, signal.SIGUSR1)
-    print(f"{_DONE[action]} {args.id}")
+    change = {"delete": actions.queue_delete, "hold": actions.queue_hold, "release": actions.queue_release}
+    print(change[action](args.id, _actor()).text)
     return 0
 
 
 # --- quarantine ----------------------------------------------------------------
 
 
-def cmd_quarantine(args) -> int:
-    from gateway.spool import QueueEntry, RecipientState, new_queue_id
+def _actions(args, spool, told: list):
+    from gateway.cli import load_config
+    from monitor.actions import cli_actions
 
+    return cli_actions(load_config(args), spool, wake=lambda: told.append(_signal_gateway(spool, signal.SIGUSR1)))
+
+
+def _actor() -> str:
+    from monitor.actions import cli_actor
+
+    return cli_actor()
+
+
+def cmd_quarantine(args) -> int:
     spool = _spool(args)
     action = args.action
     if action == "list":
@@ -226,22 +231,18 @@ def cmd_quarantine(args) -> int:
         print()
         sys.stdout.buffer.write(spool.quarantine_read(args.id))
         return 0
+    # release (without our tag and X-Spam-* headers), delete and learn: through the
+    # monitor's service layer, audited and tracked like the console's
+    told: list = []
+    actions = _actions(args, spool, told)
     if action == "delete":
-        spool.quarantine_remove(args.id)
-        print(f"deleted {args.id} from quarantine")
+        print(actions.delete(args.id, _actor()).text)
         return 0
-    # release: deliver unchanged but for one header naming who released it
-    who = os.environ.get("SUDO_USER") or getpass.getuser()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
-    data = f"X-MailGate-Released: by {who} on {stamp} from quarantine id {args.id}\r\n".encode() + \
-        spool.quarantine_read(args.id)
-    entry = QueueEntry(queue_id=new_queue_id(), sender=meta["sender"],
-                       recipients=[RecipientState(a) for a in meta["recipients"]], arrival=time.time(),
-                       client=meta.get("client", ""), helo=meta.get("helo", ""), size=len(data))
-    spool.store(entry, data)
-    spool.quarantine_remove(args.id)
-    told = _signal_gateway(spool, signal.SIGUSR1)
-    print(f"released {args.id} as queue id {entry.queue_id}{'' if told else ' (delivered at the next start)'}")
+    if action in ("learn-spam", "learn-ham"):
+        print(actions.learn(args.id, _actor(), action[len("learn-"):]).text)
+        return 0
+    done = actions.release(args.id, _actor(), learn_ham=action == "release-ham")
+    print(f"{done.text}{'' if all(told) else ' (delivered at the next start)'}")
     return 0
 
 
@@ -264,6 +265,11 @@ def register_commands(sub, parent) -> None:
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("score", parents=[parent], help="score message files offline")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--client-ip", metavar="IP",
+                   help="the SMTP client (default: the hop that brought the message in, from its Received headers)")
+    p.add_argument("--helo", metavar="NAME", help="the client's HELO (default: that hop's)")
+    p.add_argument("--rcpt", metavar="ADDRESS",
+                   help="the recipient (default: X-Original-To, else Delivered-To, else To)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="file, Maildir, mbox or directory")
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("queue", parents=[parent], help="show and manage the delivery queue")
@@ -271,7 +277,8 @@ def register_commands(sub, parent) -> None:
     p.add_argument("id", nargs="?")
     p.set_defaults(func=cmd_queue)
     p = sub.add_parser("quarantine", parents=[parent], help="show and manage quarantined messages")
-    p.add_argument("action", choices=["list", "show", "release", "delete"])
+    p.add_argument("action", choices=["list", "show", "release", "release-ham", "delete", "learn-spam",
+                                      "learn-ham"])
     p.add_argument("id", nargs="?")
     p.set_defaults(func=cmd_quarantine)
     p = sub.add_parser("passwd", parents=[parent], help="print a users-file line for SMTP AUTH")

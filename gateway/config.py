@@ -294,6 +294,9 @@ class ChecksSettings(Section):
 
 class LogSettings(Section):
     level: str = "info"
+    # the Subject in the per-message log line (quoted, one line, bounded);
+    # off where subjects are personal data the log must not keep
+    subject: bool = True
 
     @field_validator("level")
     @classmethod
@@ -301,6 +304,46 @@ class LogSettings(Section):
         if v.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("must be one of debug, info, warning, error")
         return v.lower()
+
+
+def _tracking_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL string")
+    v = value.strip()
+    if v and not re.match(r"^(postgresql(\+psycopg)?://\S+|sqlite:///\S+)$", v):
+        raise ValueError('expected "" (SQLite under queue.dir), "postgresql://user@host:port/db" '
+                         'or "sqlite:///PATH"')
+    return v
+
+
+class TrackingSettings(Section):
+    """[tracking]: the store of every message's facts (monitor/tracking.py)."""
+
+    enabled: bool = True
+    # "" = SQLite (WAL) at <queue.dir>/tracking.sqlite; "postgresql://..." for several gateways
+    url: Annotated[str, BeforeValidator(_tracking_url)] = ""
+    # this gateway's name in a shared store; "" = server.hostname
+    node: str = ""
+    retention: Duration = Field(30 * 86400.0, gt=0)
+    quarantine_retention: Duration = Field(14 * 86400.0, gt=0)
+    # the writer thread commits every batch_interval or batch_size facts, whichever comes first
+    batch_size: int = Field(500, gt=0)
+    batch_interval: Duration = Field(0.5, gt=0)
+    # facts waiting for the writer; past this they are dropped (counted, logged), never waited for
+    max_pending: int = Field(100000, gt=0)
+    prune_interval: Duration = Field(3600.0, gt=0)
+
+
+def _optional_listen(value: Any) -> Optional[HostPort]:
+    return None if value in ("", None) else _listen(value)
+
+
+class MetricsSettings(Section):
+    """[metrics]: Prometheus /metrics (monitor/metrics.py)."""
+
+    enabled: bool = True
+    # "" = served as /metrics on the web console's listener only; "host:port" = also on its own
+    listen: Annotated[Optional[HostPort], BeforeValidator(_optional_listen)] = None
 
 
 CORE_SECTIONS: dict[str, type[Section]] = {
@@ -312,6 +355,8 @@ CORE_SECTIONS: dict[str, type[Section]] = {
     "auth": AuthSettings,
     "checks": ChecksSettings,
     "log": LogSettings,
+    "tracking": TrackingSettings,
+    "metrics": MetricsSettings,
 }
 
 

@@ -146,6 +146,8 @@ class DeliveryDaemon:
         self.config_path = config_path
         self.reactor = reactor
         self.queue = None
+        self.events = None
+        self.monitor = None
         self.lock_fd = None
 
     def start(self) -> defer.Deferred:
@@ -167,7 +169,7 @@ class DeliveryDaemon:
         from gateway.delivery import Deliverer
         from gateway.queue import QueueManager
         from gateway.resolver import Resolver
-        from gateway.service import client_tls
+        from gateway.service import build_sink, client_tls
 
         pool = self.reactor.getThreadPool()
         pool.adjustPoolsize(4, 20)
@@ -178,8 +180,14 @@ class DeliveryDaemon:
         config = self.config
         deliverer = Deliverer.from_config(config, self.reactor, Resolver.from_config(config.dns), run_in_thread,
                                           client_tls())
+        # this process's own sink: its delivery facts reach the same subscribers as the receiver's
+        from monitor import Monitor
+
+        self.monitor = Monitor.from_config(config, "delivery", queue_dir=spool.root)
+        self.monitor.start(self.reactor, run_in_thread)  # the metrics file the receiver's /metrics reads
+        self.events = build_sink(config, self.monitor)
         self.queue = QueueManager(spool, deliverer, self.reactor, run_in_thread, config.queue,
-                                  config.server.hostname, clean_tmp=False)
+                                  config.server.hostname, clean_tmp=False, events=self.events)
         log.info("delivery process pid=%d working %s", os.getpid(), spool.root)
         return self.queue.start()
 
@@ -209,11 +217,15 @@ class DeliveryDaemon:
             resolver = Resolver.from_config(new.dns)
         self.config = new
         self.queue.reconfigure(new, resolver)
+        from gateway.service import reconfigure_sink
+
+        reconfigure_sink(self.events, new)
         log.info("delivery process reloaded routes: %s", ", ".join(f"{k} -> {v}" for k, v in new.routes.items()))
 
     def parent_gone(self) -> None:
         log.info("delivery process: parent closed the pipe; finishing attempts under way")
         d = self.queue.stop() if self.queue is not None else defer.succeed(None)
+        d.addBoth(lambda _: self.monitor.close() if self.monitor is not None else None)
         d.addBoth(lambda _: self.reactor.stop())
 
 

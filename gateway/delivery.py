@@ -60,19 +60,24 @@ reactor must be installed), ``run_in_thread`` for the Maildir writes and for
 preparing large messages, and ``smtp_port`` (25) for "mx" next hops, which
 tests point at a free port.
 
-One log line per recipient per delivery attempt, on "mailgate.delivery"::
+What became of each recipient is the queue manager's to tell
+(``DeliveryAttempted`` in ``gateway.events``; its log subscriber writes the
+familiar line per recipient per attempt on "mailgate.delivery")::
 
     queue_id=Q to=rcpt@x relay=mx.x[192.0.2.1]:25 status=sent code=250 reply="2.0.0 Ok" delay=0.12 tls=yes
+
+This module logs only about its own operation (a TLS handshake that failed,
+a host that refused the session, an internal error).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import logging
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Callable, Optional
@@ -115,6 +120,7 @@ class Outcome:
     reply: str
     relay: str = ""
     remote: bool = field(default=False, compare=False)  # the reply came from a remote SMTP server
+    tls: bool = field(default=False, compare=False)  # the session that gave this reply was encrypted
 
     @property
     def enhanced(self) -> str:
@@ -520,7 +526,6 @@ class Deliverer:
         run_in_thread: Callable[..., defer.Deferred] = _default_run_in_thread,
         max_addresses: int = MAX_ADDRESSES,
         rng: Optional[random.Random] = None,
-        clock: Callable[[], float] = time.time,
     ):
         self.reactor = reactor
         self.resolver = resolver
@@ -534,7 +539,6 @@ class Deliverer:
         self.run_in_thread = run_in_thread
         self.max_addresses = max_addresses
         self._rng = rng or random.Random()
-        self._clock = clock
 
     @classmethod
     def from_config(cls, config, reactor, resolver, run_in_thread, tls_client_context_factory) -> "Deliverer":
@@ -552,10 +556,10 @@ class Deliverer:
                 arrival: Optional[float] = None, smtputf8: bool = False) -> defer.Deferred:
         """Fires with ``list[Outcome]``, one per recipient in order; never errbacks.
 
-        ``arrival`` (epoch seconds) makes ``delay=`` in the log the time since
-        the message arrived; without it, the time this attempt took.
-        ``smtputf8``: the client sent the SMTPUTF8 parameter, so the next hop
-        must offer it (non-ASCII addresses need it anyway).
+        ``arrival`` is accepted for callers' symmetry; the delay since arrival
+        is the queue manager's to tell.  ``smtputf8``: the client sent the
+        SMTPUTF8 parameter, so the next hop must offer it (non-ASCII
+        addresses need it anyway).
         """
         return defer.Deferred.fromCoroutine(
             self._deliver_safely(queue_id, sender, list(recipients), data, arrival, smtputf8))
@@ -580,7 +584,6 @@ class Deliverer:
             return [Outcome(r, DEFERRED, 451, f"4.3.0 internal error: {e}") for r in recipients]
 
     async def _deliver(self, queue_id, sender, recipients, data, arrival, smtputf8) -> list[Outcome]:
-        started = arrival if arrival is not None else self._clock()
         groups: dict[tuple, list[str]] = {}
         for rcpt in recipients:
             key = self._group_key(rcpt)
@@ -594,14 +597,11 @@ class Deliverer:
         ds = [defer.Deferred.fromCoroutine(self._deliver_group(queue_id, route, domain, rcpts, message))
               for (route, domain), rcpts in groups.items()]
         results = await defer.gatherResults(ds, consumeErrors=True)
-        by_rcpt: dict[str, tuple[Outcome, bool]] = {}
+        by_rcpt: dict[str, Outcome] = {}
         for group in results:
             for outcome, tls in group:
-                by_rcpt[outcome.recipient] = (outcome, tls)
-        delay = max(0.0, self._clock() - started)
-        for rcpt, (outcome, tls) in by_rcpt.items():
-            self._log(queue_id, outcome, delay, tls)
-        return [by_rcpt[r][0] for r in recipients]
+                by_rcpt[outcome.recipient] = dataclasses.replace(outcome, tls=tls) if tls else outcome
+        return [by_rcpt[r] for r in recipients]
 
     async def _deliver_group(self, queue_id, route: Route, domain: str, recipients: list[str],
                              message: "_Message") -> list[tuple[Outcome, bool]]:
@@ -722,12 +722,6 @@ class Deliverer:
             return Outcome(rcpt, DEFERRED if e.temporary else FAILED, code, f"{e.enhanced} {e}", relay)
         return Outcome(rcpt, SENT, 250, f"2.0.0 delivered to Maildir {route.path}", relay)
 
-    # -- logging --------------------------------------------------------------
-    def _log(self, queue_id: str, outcome: Outcome, delay: float, tls: bool) -> None:
-        status = "bounced" if outcome.status == FAILED else outcome.status
-        log.info('queue_id=%s to=%s relay=%s status=%s code=%s reply="%s" delay=%.2f tls=%s',
-                 queue_id, outcome.recipient, outcome.relay or "none", status, outcome.code,
-                 _quote(outcome.reply), delay, "yes" if tls else "no")
 
 
 def _quote(text: str) -> str:

@@ -8,17 +8,25 @@ back in check order.  An exception from a check becomes ``Failed(severity=
 Every stage has a deadline: a check that has not answered in time is
 cancelled and becomes ``Failed(severity="tempfail")``, so a hung DNS server,
 rule thread or scanner costs the client one 451, not its session.
+
+``run_timed`` also says how long each check took (``CheckTiming``, by the
+injected ``timer``): an inline check from its start to its answer, a
+blocking one inside the pool trip (so the wait for a free thread is not
+charged to it), a late one until the deadline gave up on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from gateway.events import CheckTiming
 from gateway.plugins import Check
 from gateway.records import Failed, Result, Stage, Transaction
 
@@ -46,6 +54,18 @@ async def in_thread(run_in_thread, fn, *args):
     return await d
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """What one stage's checks said, and what they cost."""
+
+    records: list
+    timings: tuple  # of CheckTiming, in check order
+    seconds: float  # the whole stage
+
+
+NOTHING_RUN = StageRun([], (), 0.0)
+
+
 class Pipeline:
     """The checks of each stage, how long a stage may take, and where blocking work runs.
 
@@ -60,7 +80,7 @@ class Pipeline:
     """
 
     def __init__(self, checks: Iterable[Check], deadlines: Optional[Mapping[Stage, float]] = None, clock=None,
-                 run_in_thread: Optional[Callable] = None):
+                 run_in_thread: Optional[Callable] = None, timer: Callable[[], float] = time.perf_counter):
         self.by_stage: dict[Stage, list[Check]] = {s: [] for s in Stage}
         for c in checks:
             self.by_stage[c.stage].append(c)
@@ -72,6 +92,8 @@ class Pipeline:
         self.deadlines = dict(deadlines or {})
         self.clock = clock
         self.run_in_thread = run_in_thread or defer.maybeDeferred
+        # durations only, read from any thread: a monotonic clock, not the reactor's wall clock
+        self.timer = timer
 
     @classmethod
     def from_config(cls, checks: Iterable[Check], config, services) -> "Pipeline":
@@ -85,42 +107,55 @@ class Pipeline:
 
     def run(self, stage: Stage, txn: Transaction) -> defer.Deferred:
         """Fires with the list of Result/Failed records of this stage, in check order."""
+        return self.run_timed(stage, txn).addCallback(lambda run: run.records)
+
+    def has_checks(self, stage: Stage) -> bool:
+        return bool(self.by_stage[stage])
+
+    def run_timed(self, stage: Stage, txn: Transaction) -> defer.Deferred:
+        """Fires with the stage's ``StageRun``: its records in check order and each check's time."""
         checks = self.by_stage[stage]
         if not checks:
-            return defer.succeed([])
+            return defer.succeed(NOTHING_RUN)
+        started = self.timer()
         blocking = self._blocking[stage]
         # the pool's share first: the parse starts while the others are set going
-        waits = [self.run_in_thread(self._run_blocking, blocking, txn)] if blocking else []
+        waits = [self.run_in_thread(self._run_blocking, blocking, txn, self.timer)] if blocking else []
         waits += [self._start(c, txn) for c in self._inline[stage]]
         timer = self._arm(stage, waits)
         gathered = defer.gatherResults([d.addErrback(self._cancelled) for d in waits], consumeErrors=True)
         gathered.addBoth(self._disarm, timer)
-        return gathered.addCallback(self._in_order, checks)
+        return gathered.addCallback(self._in_order, checks, started)
 
     @staticmethod
-    def _run_blocking(checks: list[Check], txn: Transaction) -> dict:
-        """In a pool thread: the parsed view, then each blocking check in turn."""
+    def _run_blocking(checks: list[Check], txn: Transaction, timer: Callable[[], float]) -> dict:
+        """In a pool thread: the parsed view, then each blocking check in turn,
+        each timed on its own (the parse is charged to none of them)."""
         if txn.message is not None:
             txn.message.prepare()
         answers = {}
         for c in checks:
+            t0 = timer()
             try:
-                answers[c.name] = Pipeline._records(c.check(txn))
+                records = Pipeline._records(c.check(txn))
             except Exception:
-                answers[c.name] = Pipeline._crashed(Failure(), c, txn)
+                records = Pipeline._crashed(Failure(), c, txn)
+            answers[c.name] = (records, timer() - t0)
         return answers
 
     def _start(self, check: Check, txn: Transaction) -> defer.Deferred:
+        t0 = self.timer()
         try:
             d = as_deferred(check.check(txn))
         except Exception:
             d = defer.fail(Failure())
-        return d.addCallbacks(lambda v: {check.name: self._records(v)}, self._failed, errbackArgs=(check, txn))
+        return d.addCallbacks(lambda v: {check.name: (self._records(v), self.timer() - t0)}, self._failed,
+                              errbackArgs=(check, txn, t0))
 
-    def _failed(self, failure: Failure, check: Check, txn: Transaction):
+    def _failed(self, failure: Failure, check: Check, txn: Transaction, t0: float):
         if failure.check(defer.CancelledError):
             return failure  # the stage's deadline: _cancelled answers for it
-        return {check.name: self._crashed(failure, check, txn)}
+        return {check.name: (self._crashed(failure, check, txn), self.timer() - t0)}
 
     def _arm(self, stage: Stage, waits: list):
         """One timer for the stage: past its deadline every check still out is cancelled."""
@@ -147,14 +182,20 @@ class Pipeline:
         failure.trap(defer.CancelledError)
         return {}
 
-    def _in_order(self, answered: list[dict], checks: list[Check]) -> list:
-        merged: dict[str, list] = {}
+    def _in_order(self, answered: list[dict], checks: list[Check], started: float) -> StageRun:
+        merged: dict[str, tuple] = {}
         for answers in answered:
             merged.update(answers)
-        out = []
+        elapsed = self.timer() - started
+        out, timings = [], []
         for c in checks:
-            out.extend(merged[c.name] if c.name in merged else [self._late(c, self.deadlines[c.stage])])
-        return out
+            if c.name in merged:
+                records, seconds = merged[c.name]
+            else:  # late: it cost the whole wait until the deadline gave up on it
+                records, seconds = [self._late(c, self.deadlines[c.stage])], elapsed
+            out.extend(records)
+            timings.append(CheckTiming(c.name, seconds))
+        return StageRun(out, tuple(timings), elapsed)
 
     @staticmethod
     def _late(check: Check, timeout: float) -> Failed:

@@ -17,7 +17,28 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 
 from gateway.records import Stage
 
-PLUGIN_PACKAGES = ("rules", "classifiers", "scanners")
+PLUGIN_PACKAGES = ("rules", "classifiers", "scanners", "monitor")
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A symbol a check may report, as rspamd's scores.d and SpamAssassin's
+    ``describe`` declare them: its default score, its group and one line
+    saying what it means (shown beside each hit in headers and the monitor).
+
+    A name ending in ``*`` declares a family whose members are named at run
+    time from what was found (``VIRUS_*``: ``VIRUS_CLAMD`` names the engine
+    that saw it); every member shares the family's score, group and text.
+    """
+
+    name: str
+    score: float
+    group: str
+    description: str
+
+    @property
+    def is_family(self) -> bool:
+        return self.name.endswith("*")
 
 
 class Check:
@@ -39,6 +60,15 @@ class Check:
     # check() is CPU work on the message (regexes, MIME walks): the pipeline runs
     # it in the thread pool with the stage's other blocking checks, in one trip
     blocking: ClassVar[bool] = False
+    # every symbol check() may report (see Symbol); a check whose symbols come
+    # from its config or rule files overrides declared_symbols instead
+    symbols: ClassVar[tuple[Symbol, ...]] = ()
+
+    @classmethod
+    def declared_symbols(cls, config: Any, services: Optional["Services"] = None) -> tuple[Symbol, ...]:
+        """The symbols this check may report under ``config``.  ``services``
+        (when given) lets a check reuse what it already loaded (rule files)."""
+        return cls.symbols
 
     @classmethod
     def from_config(cls, config: Any, services: "Services") -> Optional["Check"]:
@@ -99,6 +129,63 @@ def discover(packages: Iterable[str] = PLUGIN_PACKAGES) -> Catalogue:
             if hasattr(module, "register_commands"):
                 cat.command_modules.append(module)
     return cat
+
+
+class SymbolTable:
+    """Every declared symbol, by name; families (``VIRUS_*``) by prefix."""
+
+    def __init__(self, symbols: Iterable[Symbol] = ()):
+        self.exact: dict[str, Symbol] = {}
+        self.families: list[Symbol] = []
+        for sym in symbols:
+            if sym.is_family:
+                self.families.append(sym)
+            else:
+                self.exact.setdefault(sym.name, sym)
+        self.families.sort(key=lambda s: -len(s.name))  # the most specific family wins
+
+    def get(self, name: str) -> Optional[Symbol]:
+        sym = self.exact.get(name)
+        if sym is not None:
+            return sym
+        for fam in self.families:
+            if name.startswith(fam.name[:-1]):
+                return fam
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def __iter__(self):
+        yield from self.exact.values()
+        yield from self.families
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.families)
+
+    def description(self, name: str) -> str:
+        sym = self.get(name)
+        return sym.description if sym is not None else ""
+
+
+def symbol_table(catalogue: Catalogue, config: Any, services: Optional[Services] = None) -> SymbolTable:
+    """All symbols the catalogue's checks declare under ``config``, enabled or
+    not: a ``[scores]`` line for a check switched off is not a typo."""
+    symbols: list[Symbol] = []
+    for cls in catalogue.checks.values():
+        symbols.extend(cls.declared_symbols(config, services))
+    return SymbolTable(symbols)
+
+
+def check_scores(config: Any, table: SymbolTable, path: Optional[str] = None) -> None:
+    """ConfigError naming each ``[scores]`` key that no check declares: a
+    typo there would otherwise weigh nothing, silently."""
+    unknown = [k for k in config.scores if k not in table]
+    if unknown:
+        from gateway.errors import ConfigError
+
+        raise ConfigError([f"scores.{k} = {config.scores[k]!r}: unknown symbol, no check declares {k!r}"
+                           for k in unknown], path)
 
 
 def select(catalogue: Catalogue, config: Any) -> list[type[Check]]:

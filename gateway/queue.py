@@ -22,6 +22,12 @@ Nothing on disk is forgotten: when recording an attempt's outcome fails (a
 full disk, any OSError) the message is scheduled again anyway, and every
 ``queue.sweep_interval`` the spool is searched for messages with pending
 recipients that are neither held, nor scheduled, nor being tried.
+
+What happens to a message is told to the injected ``events`` sink, the only
+writer of these facts: ``DeliveryAttempted`` per next hop and attempt (each
+recipient's code and reply, TLS, the delay since arrival), ``Deferred`` when
+some recipients wait for a retry, ``Bounced`` when a DSN goes (or would, but
+is suppressed).  The log lines admins know come from its log subscriber.
 """
 
 from __future__ import annotations
@@ -36,10 +42,10 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gateway.delivery import DEFERRED, Outcome
+from gateway.events import Bounced, Deferred, DeliveryAttempted, RecipientOutcome, default_sink
 from gateway.spool import FAILED, PENDING, SENT, QueueEntry, RecipientState, Spool, new_queue_id
 
 log = logging.getLogger("mailgate.queue")
-delivery_log = logging.getLogger("mailgate.delivery")  # one line per recipient per attempt lives there
 
 # messages being tried or waiting for a slot at once (Postfix's
 # qmgr_message_active_limit): bounds the memory of a huge queue due at once
@@ -226,8 +232,9 @@ class _MessageData:
 
 class QueueManager:
     def __init__(self, spool: Spool, deliverer, reactor, run_in_thread: Callable, settings, hostname: str,
-                 bounce_builder=None, clean_tmp: bool = True):
+                 bounce_builder=None, clean_tmp: bool = True, events=None):
         self.spool = spool
+        self.events = events if events is not None else default_sink()
         self.deliverer = deliverer
         self.reactor = reactor
         self.run_in_thread = run_in_thread
@@ -407,9 +414,7 @@ class QueueManager:
             return None
         if why is not None:  # a dead next hop: deferred without a slot or a connection
             outcomes = [Outcome(r, DEFERRED, 451, why) for r in rcpts]
-            for o in outcomes:
-                delivery_log.info('queue_id=%s to=%s relay=none status=deferred code=451 reply="%s" next_hop=%s',
-                                  entry.queue_id, o.recipient, why.replace('"', "'"), name)
+            self._attempted(entry, name, outcomes)
             return outcomes
         judged = False
         failure = None
@@ -420,7 +425,19 @@ class QueueManager:
             judged, failure = True, connection_failure(outcomes)
         finally:
             self.destinations.release(name, failure, judged)
+        self._attempted(entry, name, outcomes)
         return outcomes
+
+    def _attempted(self, entry: QueueEntry, route: str, outcomes: list) -> None:
+        """One DeliveryAttempted per host that answered (and TLS or not) in this group's attempt."""
+        now = self.reactor.seconds()
+        by_hop: dict[tuple[str, bool], list] = {}
+        for o in outcomes:
+            by_hop.setdefault((o.relay or "none", o.tls), []).append(
+                RecipientOutcome(o.recipient, o.status, o.code, o.reply))
+        for (hop, tls), rcpts in by_hop.items():
+            self.events.emit(DeliveryAttempted(entry.queue_id, now, hop, tuple(rcpts), tls,
+                                               max(0.0, now - entry.arrival), route))
 
     @defer.inlineCallbacks
     def _record(self, entry: QueueEntry, outcomes: list, data: _MessageData):
@@ -466,8 +483,8 @@ class QueueManager:
             self.schedule(queue_id, backoff)
             return
         if still and kept:
-            log.info("queue_id=%s deferred=%d next_try_in=%ds attempts=%d", queue_id, len(still),
-                     int(backoff), entry.attempts)
+            self.events.emit(Deferred(queue_id, now, tuple(r.address for r in still), now + backoff,
+                                      entry.attempts, entry.last_error))
             self.schedule(queue_id, backoff)
         elif not still:
             log.debug("queue_id=%s removed sent=%d bounced=%d", queue_id,
@@ -489,8 +506,10 @@ class QueueManager:
             return not entry.held
 
     def _bounce(self, entry: QueueEntry, failed: list, original: bytes) -> defer.Deferred:
+        rcpts = tuple(o.recipient for o in failed)
+        reason = failed[0].reply if failed else ""
         if entry.bounce_of or not self.dsn.should_bounce(entry.sender):
-            log.info("queue_id=%s bounce=suppressed sender=<%s>", entry.queue_id, entry.sender)
+            self.events.emit(Bounced(entry.queue_id, self.reactor.seconds(), rcpts, reason, "", entry.sender))
             return defer.succeed(None)
         body = self.dsn.make_bounce(entry.queue_id, entry.sender, failed, self.hostname, original,
                                     formatdate(entry.arrival))
@@ -499,8 +518,11 @@ class QueueManager:
             arrival=self.reactor.seconds(), client="127.0.0.1", helo=self.hostname, size=len(body),
             bounce_of=entry.queue_id,
         )
-        log.info("queue_id=%s bounce_id=%s to=<%s>", entry.queue_id, bounce.queue_id, entry.sender)
-        return self.enqueue(bounce, body)
+        d = self.enqueue(bounce, body)
+        # told once the DSN is durable: a bounce that failed to spool is retried, not announced
+        d.addCallback(lambda _: self.events.emit(Bounced(entry.queue_id, self.reactor.seconds(), rcpts, reason,
+                                                         bounce.queue_id, entry.sender)))
+        return d
 
 
 def quarantine_record(entry: QueueEntry, verdict, size: int) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.headers import Finisher
 from gateway.pipeline import Pipeline
-from gateway.plugins import Catalogue, Services, select
+from gateway.plugins import Catalogue, Services, check_scores, select, symbol_table
 from rules.scoring import Scorer
 
 log = logging.getLogger("mailgate.runtime")
@@ -40,10 +40,18 @@ def build_runtime(config, catalogue: Catalogue, services: Services) -> Runtime:
         if check is not None:
             checks.append(check)
     log.info("checks=%s", ",".join(f"{c.stage.value}:{c.name}" for c in checks) or "-")
+    # after the checks: a check that loaded rule files declares their symbols from what it loaded
+    symbols = symbol_table(catalogue, config, services)
+    try:
+        check_scores(config, symbols)  # a [scores] typo refuses the config, at start as at reload
+    except Exception:
+        for c in checks:
+            c.close()
+        raise
     return Runtime(
         config=config,
         pipeline=Pipeline.from_config(checks, config, services),
-        scorer=Scorer.from_config(config),
+        scorer=Scorer.from_config(config, symbols),
         finisher=Finisher(config.server.hostname, config.spam.subject_tag),
         local_domains=frozenset(config.relay.domains),
         trusted_networks=tuple(ipaddress.ip_network(n) for n in config.relay.trusted_networks),

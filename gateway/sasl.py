@@ -16,6 +16,7 @@ reconnecting clients see one count.
 from __future__ import annotations
 
 import binascii
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from typing import Callable, Optional, Union
 from twisted.cred import credentials
 
 from gateway.errors import Reject, Reply, TempFail
+from gateway.store import StoreUnavailable
+
+log = logging.getLogger("mailgate.smtp")
 
 MALFORMED = Reject(501, "5.5.2", "Error: malformed authentication response")
 NOT_UTF8 = Reject(501, "5.5.2", "Error: user name or password is not UTF-8")
@@ -159,9 +163,21 @@ class AuthGuard:
         return f"authfail:{ip}"
 
     def blocked(self, ip, settings):
-        """A Deferred firing True when this address has failed too often."""
-        d = self.run(self.store.get(self._key(ip)))
-        return d.addCallback(lambda n: int(n or 0) >= settings.max_client_failures)
+        """A Deferred firing True when this address has failed too often.
+
+        A store that cannot answer blocks nobody, whatever ``[store]
+        on_error`` says, and the line says so: an outage of the shared store
+        must not lock every user out (nor hang the AUTH command), and the
+        password check still guards each attempt."""
+        return self.run(self._blocked(ip, settings))
+
+    async def _blocked(self, ip, settings) -> bool:
+        try:
+            n = await self.store.get(self._key(ip))
+        except StoreUnavailable as e:
+            log.warning("client=%s auth failures not checked (AUTH_GUARD_FAIL): %s", ip, e)
+            return False
+        return int(n or 0) >= settings.max_client_failures
 
     def failed(self, ip, settings):
         return self.run(self.store.incr(self._key(ip), settings.client_failure_window))

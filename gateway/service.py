@@ -53,6 +53,43 @@ def setup_logging(level: str = "info") -> None:
     globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
 
 
+def subscribers(config, monitor=None) -> list:
+    """Everything that hears the gateway's events (``gateway.events``), built
+    from the config: the receiving process, the delivery process and the
+    CLI's service layer each build theirs here, so all three write the same
+    facts to the same places."""
+    from gateway.events import LogLine
+
+    subs: list = [LogLine(subject=config.log.subject)]
+    # The monitor's subscribers (the tracking store, the Prometheus metrics),
+    # each built from its own config section ([tracking], [metrics]); the
+    # CLI, which passes none, gets the store: its admin actions are tracked too
+    if monitor is None:
+        from monitor import Monitor
+
+        monitor = Monitor.from_config(config, "cli")
+    subs.extend(monitor.subscribers())
+    return subs
+
+
+def build_sink(config, monitor=None):
+    from gateway.events import EventSink
+
+    return EventSink(subscribers(config, monitor))
+
+
+def reconfigure_sink(sink, config) -> None:
+    """A reload: the subscribers follow the new config (the sink itself stays,
+    so sessions and queue that hold it need not be told)."""
+    from gateway.events import LogLine
+
+    for sub in sink.subscribers:
+        if isinstance(sub, LogLine):
+            sub.subject = config.log.subject
+        elif hasattr(sub, "reconfigure"):  # the monitor's (tracking retention and batching)
+            sub.reconfigure(config)
+
+
 class CannotListen(Exception):
     """A listen address cannot be bound: `mailgate run` exits 1 naming it,
     before it has touched the spool or started a delivery process."""
@@ -60,7 +97,8 @@ class CannotListen(Exception):
 
 # What a running gateway cannot swap: its sockets are bound, its spool and
 # delivery process are set up, its store holds live state (greylist, counters).
-NEEDS_RESTART = ("server.listen", "queue.dir", "queue.delivery_process", "store")
+NEEDS_RESTART = ("server.listen", "queue.dir", "queue.delivery_process", "store", "tracking.enabled",
+                 "tracking.url", "metrics", "web")
 
 
 def _setting(config, dotted: str):
@@ -125,6 +163,13 @@ class Gateway:
         self.factory = None
         self.queue = None  # DeliveryAgent (a child process delivers) or QueueManager
         self.stopping = False
+        from monitor import Monitor
+
+        # the tracking store and the metrics (the web console reads both)
+        self.monitor = Monitor.from_config(config, "receiver", checks=self._running_checks,
+                                           symbols=self._symbol_table)
+        self.tracking, self.metrics_registry = self.monitor.tracking, self.monitor.registry
+        self.events = build_sink(config, self.monitor)  # one sink for the gateway's life; a reload re-tunes its subscribers
 
     @property
     def resolver(self):
@@ -194,16 +239,20 @@ class Gateway:
         front = self._build_front(config)
         self.factory = GatewayFactory(front.runtime, self.reactor, enqueue=self._enqueue,
                                       quarantine=self._quarantine,
-                                      auth_guard=AuthGuard(self.services.store, as_deferred))
+                                      auth_guard=AuthGuard(self.services.store, as_deferred), events=self.events)
         self._apply(front)
         # bind before anything else: a second instance on a taken port must not
         # clean the first one's tmp files, take its pid file or work its queue
         self.ports = self._listen_all(config.server.listen)
+        self.web = self._listen_web(config)
+        self._listen_metrics()
         spool = Spool(config.queue.dir)
         self._write_pid(spool.root)
         spool.clean_tmp()  # nothing is served before reactor.run: nothing of ours can be half-written yet
         self.queue = self._make_queue(config, spool)
         self.queue.start()
+        if self.web is not None:
+            self.web.attach(spool, getattr(self, "tracking", None))
         # after reactor.run has installed Twisted's own handlers (SIGCHLD
         # reaps the delivery process), ours replace its SIGTERM/SIGINT
         self.reactor.callWhenRunning(self._install_signals)
@@ -223,7 +272,7 @@ class Gateway:
             return DeliveryAgent(spool, self.reactor, self.run_in_thread, self.source)
         deliverer = Deliverer.from_config(config, self.reactor, self.resolver, self.run_in_thread, client_tls())
         return QueueManager(spool, deliverer, self.reactor, self.run_in_thread, config.queue,
-                            config.server.hostname, clean_tmp=False)
+                            config.server.hostname, clean_tmp=False, events=self.events)
 
     def _listen_all(self, addresses) -> list:
         """Binds every address now (listenTCP binds at once, before the reactor
@@ -242,6 +291,44 @@ class Gateway:
                 raise CannotListen(f"cannot listen on {hp}: {reason}") from None
             log.info("listening on %s", hp)
         return ports
+
+    def _listen_web(self, config):
+        """The web console ([web], monitor/web), bound with the SMTP ports: if
+        its address cannot be bound, those are closed again and start fails."""
+        from monitor.web.service import WebConsole
+
+        web = WebConsole.from_gateway(self, config)
+        if web is not None:
+            try:
+                self.ports.append(web.listen())
+            except CannotListen:
+                for port in self.ports:
+                    port.stopListening()
+                raise
+        return web
+
+    def _listen_metrics(self) -> None:
+        """``[metrics] listen``, when set: bound with the others, or start fails."""
+        from twisted.internet.error import CannotListenError
+
+        try:
+            self.ports.extend(self.monitor.start(self.reactor))
+        except CannotListenError as e:
+            for port in self.ports:
+                port.stopListening()
+            reason = getattr(e.socketError, "strerror", None) or e.socketError
+            raise CannotListen(f"cannot listen on {self.config.metrics.listen} (metrics): {reason}") from None
+
+    def _running_checks(self) -> list:
+        """The checks sessions run now (the metrics read scanner and Bayes state from them)."""
+        runtime = getattr(self.factory, "runtime", None) if self.factory is not None else None
+        if runtime is None:
+            return []
+        return [c for checks in runtime.pipeline.by_stage.values() for c in checks]
+
+    def _symbol_table(self):
+        runtime = getattr(self.factory, "runtime", None) if self.factory is not None else None
+        return getattr(getattr(runtime, "scorer", None), "symbols", None)
 
     def _write_pid(self, root: str):
         self.pid_path = os.path.join(root, "mailgate.pid")
@@ -276,6 +363,7 @@ class Gateway:
         self._apply(front)
         self._reload_queue(new, source)
         logging.getLogger().setLevel(new.log.level.upper())
+        reconfigure_sink(self.events, new)
         self.config, self.source = new, source
         self._log_reloaded(old, new, front)
         # sessions that started before keep the old checks until they end
@@ -321,7 +409,7 @@ class Gateway:
             for p in list(self.factory.connections):
                 if p.envelope is None and not p._busy and p.mode == "COMMAND":
                     p._send(SHUTTING_DOWN)
-                    p._close()
+                    p._close("shutdown")
             if not self.factory.connections or self.reactor.seconds() >= deadline:
                 return True
             return False
@@ -345,6 +433,7 @@ class Gateway:
             os.unlink(self.pid_path)
         except OSError:
             pass
+        self.monitor.close()  # the facts still queued for the tracking store
         log.info("stopped")
         if self.reactor.running:
             self.reactor.stop()

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway.config import Domain, Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result
 
 ERROR_CODES = ipaddress.ip_network("127.255.255.0/24")
@@ -125,6 +125,20 @@ class Zone:
     @property
     def is_allow_list(self) -> bool:
         return self.score < 0
+
+
+def zone_symbols(zones: list[Zone], group: str, listed: str) -> tuple[Symbol, ...]:
+    """What a list of zones may report: each zone's symbol and its codes' and
+    bits' sub-symbols.  ``listed`` says what is looked up ("Client address")."""
+    out: dict[str, Symbol] = {}
+    for z in zones:
+        what = "allow list" if z.is_allow_list else "blocklist"
+        out.setdefault(z.symbol, Symbol(z.symbol, z.score, group, f"{listed} listed in the {what} {z.name}"))
+        for key, code in [*z.codes.items(), *z.bits.items()]:
+            score = z.score if code.score is None else code.score
+            answer = f"answer {key}" if isinstance(key, str) else f"bit {key}"
+            out.setdefault(code.symbol, Symbol(code.symbol, score, group, f"{listed} listed in {z.name} ({answer})"))
+    return tuple(out.values())
 
 
 @dataclass(frozen=True)

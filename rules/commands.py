@@ -46,7 +46,7 @@ def cmd_rules_lint(args) -> int:
         for s in sorted(rs.skipped.values(), key=lambda s: s.source):
             print(f"  {s.source}: {s.name} ({s.kind}): {s.reason}")
     if rs.disabled:
-        print(f"meta rules off (they name rules defined nowhere, as SpamAssassin switches them off): "
+        print(f"meta rules naming rules defined nowhere (read as 0, as SpamAssassin 4 does): "
               f"{len(rs.disabled)}")
         for line in sorted(rs.disabled.values())[:20]:
             print(f"  {line}")

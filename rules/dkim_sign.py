@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from gateway.config import Domain, Section
 from gateway.errors import ConfigError
 from gateway.mime import getaddresses
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 
 log = logging.getLogger("mailgate.dkim")
@@ -108,6 +108,7 @@ def from_domain(msg) -> Optional[str]:
 class DkimSign(Check):
     name = "dkim_sign"
     stage = Stage.DATA
+    symbols = (Symbol("DKIM_SIGNED", 0.0, "dkim", "Signed with our own DKIM key on the way out"),)
     priority = 900  # after the content checks
 
     def __init__(self, settings: DkimSignSettings, keys: dict[str, bytes], run_in_thread=None):

@@ -26,9 +26,10 @@ from __future__ import annotations
 from pydantic import Field
 
 from gateway.config import Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Result, Stage
-from rules._dnslists import Listing, Zone, ZoneCheck, ZoneSettings, flatten, query_zones, reversed_ip
+from rules._dnslists import (Listing, Zone, ZoneCheck, ZoneSettings, flatten, query_zones, reversed_ip,
+                             zone_symbols)
 from rules.lists import access_lists
 
 
@@ -59,6 +60,10 @@ class Dnsbl(ZoneCheck):
     priority = 20
 
     @classmethod
+    def declared_symbols(cls, config, services=None):
+        return zone_symbols(build_zones(config.rbl), "dnsbl", "Client address")
+
+    @classmethod
     def from_config(cls, config, services):
         s = config.rbl
         if not s.zones:
@@ -83,6 +88,7 @@ class Dnsbl(ZoneCheck):
 class DnsblReject(Check):
     name = "dnsbl_reject"
     stage = Stage.RCPT
+    symbols = (Symbol("RBL_REJECT", 0.0, "dnsbl", "Client listed on enough DNS blocklists to be refused"),)
     priority = 20
 
     def __init__(self, resolver, zones: list[Zone], timeout: float, reject_count: int, lists=None):

@@ -20,9 +20,9 @@ from typing import Callable
 from pydantic import Field
 
 from gateway.config import Duration, Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
-from gateway.store import store_for
+from gateway.store import StoreUnavailable, could_not_check, store_for
 from rules._netkey import client_net
 from rules.lists import access_lists
 
@@ -38,9 +38,17 @@ class GreylistSettings(Section):
     ipv6_prefix: int = Field(64, ge=32, le=128)
 
 
+REFRESH_EVERY = 3600.0  # seconds: a passed triplet's lifetime is renewed this often while in use
+
+
 class Greylist(Check):
     name = "greylist"
     stage = Stage.RCPT
+    symbols = (
+        Symbol("GREYLIST", 0.0, "greylist", "First attempt from this client, sender and recipient: try again later"),
+        Symbol("GREYLIST_PASSED", 0.0, "greylist", "Came back after the greylisting delay"),
+        Symbol("GREYLIST_FAIL", 0.0, "greylist", "Greylisting could not check: the state store did not answer"),
+    )
     priority = 50  # after recipient checks: an unknown user gets 550, not 451
 
     def __init__(self, store, settings: GreylistSettings, lists=None, clock: Callable[[], float] = time.time):
@@ -61,6 +69,8 @@ class Greylist(Check):
             return []
         try:
             return await self._greylist(txn)
+        except StoreUnavailable as e:  # fail open ([store] on_error), and say so
+            return could_not_check(self.name, "GREYLIST_FAIL", e, self.store)
         except Exception as e:  # state unavailable: let the mail through rather than tempfail it forever
             return [Failed(self.name, f"store: {e!r}")]
 
@@ -78,12 +88,15 @@ class Greylist(Check):
             await self.store.put(key, {"first": now, "passed": False}, s.retry_window)
             return [Result("GREYLIST", 0.0, "first attempt", refuse="greylist")]
         if record.get("passed"):
-            await self.store.put(key, record, s.pass_lifetime)
+            # extend the pass at most once per REFRESH_EVERY, not on every
+            # message: with a shared store each write is a round trip in the session
+            if now - record.get("seen", record["first"]) >= min(REFRESH_EVERY, s.pass_lifetime / 10):
+                await self.store.put(key, {**record, "seen": now}, s.pass_lifetime)
             return []
         waited = now - record["first"]
         if waited < s.delay:
             return [Result("GREYLIST", 0.0, f"retry in {s.delay - waited:.0f}s", refuse="greylist")]
-        await self.store.put(key, {"first": record["first"], "passed": True}, s.pass_lifetime)
+        await self.store.put(key, {"first": record["first"], "passed": True, "seen": now}, s.pass_lifetime)
         if s.auto_allow_after:
             await self.store.incr(ok_key, s.auto_allow_lifetime)
         return [Result("GREYLIST_PASSED", 0.0, f"delayed {waited:.0f}s")]

@@ -4,7 +4,7 @@ end without real spam."""
 
 from __future__ import annotations
 
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Result, Stage
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -13,6 +13,7 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 class Gtube(Check):
     name = "gtube"
     stage = Stage.DATA
+    symbols = (Symbol("GTUBE", 1000.0, "test", "Carries the GTUBE test string (Generic Test for Unsolicited Bulk Email)"),)
     priority = 10
     blocking = True  # a search of the whole body: with the other content work, off the reactor
 

@@ -4,13 +4,19 @@ From that parses to exactly one address."""
 from __future__ import annotations
 
 from gateway.mime import getaddresses
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Result, Stage
 
 
 class HeaderSanity(Check):
     name = "header_sanity"
     stage = Stage.DATA
+    symbols = (
+        Symbol("MISSING_DATE", 1.0, "headers", "Missing Date: header"),
+        Symbol("MISSING_MID", 0.5, "headers", "Missing Message-ID: header"),
+        Symbol("MISSING_FROM", 1.5, "headers", "Missing From: header"),
+        Symbol("FROM_MALFORMED", 1.5, "headers", "From: is not exactly one valid address"),
+    )
     priority = 20
     blocking = True  # reads the parsed view, which the pool thread makes first
 

@@ -27,7 +27,7 @@ import re
 from pydantic import Field, field_validator
 
 from gateway.config import Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 from rules.lists import access_lists
 
@@ -69,6 +69,14 @@ def _unwrap(ip):
 class Helo(Check):
     name = "helo"
     stage = Stage.HELO
+    symbols = (
+        Symbol("HELO_INVALID", 2.0, "helo", "HELO/EHLO name is empty or not a valid host name"),
+        Symbol("HELO_FORGED_US", 3.0, "helo", "HELO/EHLO claims to be this gateway"),
+        Symbol("HELO_LITERAL_MISMATCH", 2.0, "helo", "HELO/EHLO address literal is not the client's address"),
+        Symbol("HELO_BARE_IP", 1.5, "helo", "HELO/EHLO is a bare IP address, not a host name"),
+        Symbol("HELO_NO_FQDN", 1.5, "helo", "HELO/EHLO is not a fully qualified domain name"),
+        Symbol("HELO_NXDOMAIN", 1.0, "helo", "HELO/EHLO name has no address in DNS"),
+    )
     priority = 10
 
     def __init__(self, resolver, settings: HeloSettings, our_names=(), our_ips=(), lists=None):

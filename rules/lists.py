@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from gateway.config import Section, normalize_domain
 from gateway.errors import ConfigError
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Result, Stage
 
 
@@ -249,6 +249,10 @@ class _BlockAllow(Check):
 class IpLists(_BlockAllow):
     name = "ip_lists"
     stage = Stage.CONNECT
+    symbols = (
+        Symbol("IP_BLOCKLISTED", 0.0, "lists", "Client address is on the local block list"),
+        Symbol("IP_ALLOWLISTED", -100.0, "lists", "Client address is on the local allow list"),
+    )
     block, allow, prefix = "block_ips", "allow_ips", "IP"
 
     def subject(self, txn):
@@ -258,6 +262,10 @@ class IpLists(_BlockAllow):
 class SenderLists(_BlockAllow):
     name = "sender_lists"
     stage = Stage.MAIL
+    symbols = (
+        Symbol("SENDER_BLOCKLISTED", 0.0, "lists", "Sender is on the local block list"),
+        Symbol("SENDER_ALLOWLISTED", -100.0, "lists", "Sender is on the local allow list"),
+    )
     block, allow, prefix = "block_senders", "allow_senders", "SENDER"
 
     def subject(self, txn):
@@ -274,6 +282,7 @@ class RecipientAllowList(Check):
 
     name = "recipient_lists"
     stage = Stage.RCPT
+    symbols = (Symbol("RCPT_ALLOWLISTED", -100.0, "lists", "Recipient is on the local allow list (takes all mail)"),)
     priority = 5
 
     def __init__(self, lists: AccessLists):

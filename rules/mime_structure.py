@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Result, Stage
 
 SYMBOL = "MIME_NESTING_TOO_DEEP"
@@ -20,6 +20,7 @@ SCORE = 1.5
 class MimeStructure(Check):
     name = "mime_structure"
     stage = Stage.DATA
+    symbols = (Symbol(SYMBOL, SCORE, "mime", "MIME parts nest deeper than the gateway looks (server.max_mime_depth)"),)
     priority = 20
     blocking = True  # reads the parsed view, which the pool thread makes first
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from gateway.config import Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
-from gateway.store import store_for
+from gateway.store import StoreUnavailable, could_not_check, store_for
 from rules._netkey import client_net
 from rules.lists import access_lists
 
@@ -55,6 +55,8 @@ class _Limit(Check):
         net = client_net(session.ip, 32, self.ipv6_prefix)
         try:
             count = await self.store.incr(f"{self.key_prefix}{net}", self.window)
+        except StoreUnavailable as e:  # fail open ([store] on_error), and say so
+            return could_not_check(self.name, f"{self.symbol}_FAIL", e, self.store)
         except Exception as e:  # state unavailable: do not limit, do not refuse
             return [Failed(self.name, f"store: {e!r}")]
         if count > self.limit:
@@ -65,6 +67,8 @@ class _Limit(Check):
 class ConnectionRate(_Limit):
     name = "connection_rate"
     stage = Stage.CONNECT
+    symbols = (Symbol("RATE_CONNECTIONS", 0.0, "ratelimit", "Client network opened too many connections"),
+               Symbol("RATE_CONNECTIONS_FAIL", 0.0, "ratelimit", "Not counted: the state store did not answer"))
     priority = 1
     window = 60.0
     key_prefix = "rate:conn:"
@@ -75,6 +79,8 @@ class ConnectionRate(_Limit):
 class MessageRate(_Limit):
     name = "message_rate"
     stage = Stage.MAIL
+    symbols = (Symbol("RATE_MESSAGES", 0.0, "ratelimit", "Client network sent too many messages"),
+               Symbol("RATE_MESSAGES_FAIL", 0.0, "ratelimit", "Not counted: the state store did not answer"))
     priority = 1
     window = 3600.0
     key_prefix = "rate:msg:"

@@ -15,7 +15,7 @@ import ipaddress
 from pydantic import Field
 
 from gateway.config import Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 
 
@@ -29,6 +29,10 @@ class RdnsSettings(Section):
 class ReverseDns(Check):
     name = "rdns"
     stage = Stage.CONNECT
+    symbols = (
+        Symbol("RDNS_NONE", 1.0, "rdns", "Client address has no reverse DNS name"),
+        Symbol("RDNS_MISMATCH", 0.8, "rdns", "Client's reverse DNS name does not resolve back to its address"),
+    )
     priority = 30
 
     def __init__(self, resolver, max_names: int = 5, check_loopback: bool = False):

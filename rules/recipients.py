@@ -43,9 +43,9 @@ from pydantic import Field, model_validator
 from gateway.config import Duration, Route, Section, route_for
 from gateway.errors import ConfigError
 from gateway.pipeline import in_thread
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
-from gateway.store import store_for
+from gateway.store import StoreUnavailable, could_not_check, store_for
 
 Method = Literal["none", "static", "ldap", "callout"]
 
@@ -287,6 +287,11 @@ class Callout:
 class RecipientVerify(Check):
     name = "recipient_verify"
     stage = Stage.RCPT
+    symbols = (
+        Symbol("RCPT_UNKNOWN", 0.0, "recipients", "Recipient does not exist here"),
+        Symbol("RCPT_UNVERIFIED", 0.0, "recipients", "Recipient could not be verified now (callout or directory down)"),
+        Symbol("RCPT_CACHE_FAIL", 0.0, "recipients", "Verified without the cache: the state store did not answer"),
+    )
     priority = 15
 
     def __init__(self, settings: RecipientsSettings, domains, store, static=None, ldap=None, callout=None,
@@ -322,13 +327,24 @@ class RecipientVerify(Check):
     def method_for(self, domain: str) -> str:
         return self.s.verify_by_domain.get(domain, self.s.verify)
 
-    async def _cached(self, method: str, address: str, ask, positive: float, negative: float) -> bool:
+    async def _cached(self, method: str, address: str, ask, positive: float, negative: float,
+                      trouble: list) -> bool:
+        """``trouble`` collects a StoreUnavailable: the directory is then asked
+        itself (the cache is only a cache) and the check reports RCPT_CACHE_FAIL."""
         key = f"rcpt:{method}:{address}"
-        hit = await self.store.get(key)
+        try:
+            hit = await self.store.get(key)
+        except StoreUnavailable as e:
+            trouble.append(e)
+            hit = None
         if hit is not None:
             return bool(hit)
         exists = await ask()
-        await self.store.put(key, exists, positive if exists else negative)
+        if not trouble:
+            try:
+                await self.store.put(key, exists, positive if exists else negative)
+            except StoreUnavailable as e:
+                trouble.append(e)
         return exists
 
     async def check(self, txn):
@@ -338,6 +354,7 @@ class RecipientVerify(Check):
             return []
         method = self.method_for(domain)
         address = rcpt.address.lower()
+        trouble: list = []
         try:
             if method == "static":
                 exists = self.static.exists(strip_extension(address, self.s.recipient_delimiter))
@@ -346,11 +363,11 @@ class RecipientVerify(Check):
                 exists = await self._cached(
                     "ldap", lookup_address,
                     lambda: in_thread(self.run_in_thread, self.ldap.lookup, lookup_address),
-                    self.s.ldap.cache_positive, self.s.ldap.cache_negative)
+                    self.s.ldap.cache_positive, self.s.ldap.cache_negative, trouble)
             elif method == "callout":
                 exists = await self._cached(
                     "callout", address, lambda: self.callout.exists(rcpt.address, domain),
-                    self.s.callout.cache_positive, self.s.callout.cache_negative)
+                    self.s.callout.cache_positive, self.s.callout.cache_negative, trouble)
             else:
                 return []
         except (Unverifiable, asyncio.TimeoutError) as e:
@@ -358,9 +375,10 @@ class RecipientVerify(Check):
             if self.s.on_error == "accept":
                 return [Failed(self.name, reason)]
             return [Result("RCPT_UNVERIFIED", 0.0, reason, refuse="callout")]
+        noted = could_not_check(self.name, "RCPT_CACHE_FAIL", trouble[0], self.store) if trouble else []
         if exists:
-            return []
-        return [Result("RCPT_UNKNOWN", 0.0, rcpt.address, refuse="unknown_user")]
+            return noted
+        return [Result("RCPT_UNKNOWN", 0.0, rcpt.address, refuse="unknown_user")] + noted
 
     def close(self) -> None:
         if self.ldap is not None:

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from gateway.config import Section
 from gateway.records import Stage
-from rules._dnslists import Zone, ZoneCheck, ZoneSettings, flatten, query_zones
+from rules._dnslists import Zone, ZoneCheck, ZoneSettings, flatten, query_zones, zone_symbols
 
 
 class RhsblSettings(Section):
@@ -27,6 +27,11 @@ class Rhsbl(ZoneCheck):
     name = "rhsbl"
     stage = Stage.MAIL
     priority = 20
+
+    @classmethod
+    def declared_symbols(cls, config, services=None):
+        zones = [Zone.build(z, "RHSBL_", "127.0.0.0/16") for z in config.rhsbl.zones]
+        return zone_symbols(zones, "rhsbl", "Sender domain")
 
     @classmethod
     def from_config(cls, config, services):

@@ -2,7 +2,10 @@
 
 Checks only report evidence (``Result``) or that they could not check
 (``Failed``).  This module alone picks the action and, for refusals, the
-typed reply that ``gateway/smtp.py`` will send.
+typed reply that ``gateway/smtp.py`` will send (the transaction runner adds
+the queue id to it).  Each result in a verdict carries its symbol's declared
+description (``gateway.plugins.Symbol``), so headers and the monitor can say
+what a hit means without asking the checks again.
 """
 
 from __future__ import annotations
@@ -46,6 +49,35 @@ def render(reply: Reply, detail: str = "") -> Reply:
     return type(reply)(reply.code, reply.enhanced, reply.text.format(detail=safe))
 
 
+def read_scores_file(path: str) -> dict[str, float]:
+    """A ``[scores]`` TOML file (``mailgate fit-scores`` writes one): symbol
+    = points.  Read at startup and reload, with the rest of the config."""
+    import math
+    import tomllib
+
+    from gateway.errors import ConfigError
+
+    where = f"rules.learned_scores = {path!r}"
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; write it with `mailgate fit-scores`") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: not valid TOML ({e})") from None
+    table = data.get("scores")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: has no [scores] table")
+    out = {}
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: scores.{name} = {value!r}: not a finite number")
+        out[name] = float(value)
+    return out
+
+
 class Scorer:
     """Turns records into decisions.  ``weights`` overrides a symbol's score."""
 
@@ -56,28 +88,40 @@ class Scorer:
         quarantine_threshold: Optional[float] = None,
         weights: Optional[Mapping[str, float]] = None,
         refusals: Optional[Mapping[str, Reply]] = None,
+        symbols=None,
     ):
         self.threshold = threshold
         self.reject_threshold = reject_threshold
         self.quarantine_threshold = quarantine_threshold
         self.weights = dict(weights or {})
         self.refusals = dict(REFUSALS, **(refusals or {}))
+        # gateway.plugins.SymbolTable (anything with description(name) -> str); None: no descriptions
+        self.symbols = symbols
 
     @classmethod
-    def from_config(cls, config) -> "Scorer":
+    def from_config(cls, config, symbols=None) -> "Scorer":
         s = config.spam
-        return cls(s.threshold, s.reject_threshold, s.quarantine_threshold, config.scores)
+        weights = {}
+        rules = getattr(config, "rules", None)  # a plugin section: absent without the rules plugin
+        learned = getattr(rules, "learned_scores", "") if rules is not None else ""
+        if learned:
+            weights.update(read_scores_file(learned))
+        weights.update(config.scores)  # the admin's [scores] overrides what was learned
+        return cls(s.threshold, s.reject_threshold, s.quarantine_threshold, weights, symbols=symbols)
 
     def weight(self, result: Result) -> float:
         return self.weights.get(result.symbol, result.score)
 
     def weighed(self, records: Iterable) -> list[Result]:
-        """Results with config weights applied (the form reported in headers)."""
+        """Results with config weights applied and their declared description
+        (the form reported in headers and events)."""
         out = []
         for r in records:
             if isinstance(r, Result):
                 w = self.weight(r)
-                out.append(r if w == r.score else Result(r.symbol, w, r.detail, r.refuse, r.header))
+                text = r.description or (self.symbols.description(r.symbol) if self.symbols is not None else "")
+                out.append(r if w == r.score and text == r.description else
+                           Result(r.symbol, w, r.detail, r.refuse, r.header, text))
         return out
 
     def refusal(self, result: Result) -> Optional[Reply]:

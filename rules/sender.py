@@ -19,7 +19,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from gateway.config import Section
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 
 
@@ -32,6 +32,10 @@ class SenderSettings(Section):
 class SenderDomain(Check):
     name = "sender_domain"
     stage = Stage.MAIL
+    symbols = (
+        Symbol("SENDER_DOMAIN_UNKNOWN", 3.0, "sender", "Sender domain does not exist or has no MX, A or AAAA"),
+        Symbol("SENDER_NULL_MX", 3.0, "sender", "Sender domain accepts no mail (null MX)"),
+    )
     priority = 10
 
     def __init__(self, resolver, reject: bool = True):
@@ -73,6 +77,7 @@ class SenderDomain(Check):
 class NullSenderRecipients(Check):
     name = "null_sender_rcpts"
     stage = Stage.RCPT
+    symbols = (Symbol("NULL_SENDER_MULTI_RCPT", 0.0, "sender", "A bounce (null sender) to more than one recipient"),)
     priority = 10
 
     def __init__(self, max_recipients: int = 1):

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from gateway.config import Section
 from gateway.mime import getaddresses, parse_mime
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 
 log = logging.getLogger("mailgate.sender_auth")
@@ -43,6 +43,20 @@ SCORES = {
     "DKIM_VALID": -0.1, "DKIM_INVALID": 1.5, "DKIM_NONE": 0.0,
     "DMARC_PASS": -0.1, "DMARC_FAIL_REJECT": 3.0, "DMARC_FAIL_QUARANTINE": 2.0, "DMARC_FAIL_NONE": 0.5,
     "DMARC_NONE": 0.0,
+}
+DESCRIPTIONS = {
+    "SPF_PASS": "SPF: the sender domain authorizes the client", "SPF_FAIL": "SPF: the sender domain forbids the client",
+    "SPF_SOFTFAIL": "SPF: the sender domain does not authorize the client (softfail)",
+    "SPF_NEUTRAL": "SPF: the sender domain says nothing about the client (neutral)",
+    "SPF_NONE": "SPF: the sender domain publishes no SPF record",
+    "SPF_PERMERROR": "SPF: the sender domain's SPF record is broken",
+    "DKIM_VALID": "DKIM: a valid signature", "DKIM_INVALID": "DKIM: a signature that does not verify",
+    "DKIM_NONE": "DKIM: no signature",
+    "DMARC_PASS": "DMARC: the From: domain is aligned and authenticated",
+    "DMARC_FAIL_REJECT": "DMARC: fails, and the From: domain asks to reject (p=reject)",
+    "DMARC_FAIL_QUARANTINE": "DMARC: fails, and the From: domain asks to quarantine (p=quarantine)",
+    "DMARC_FAIL_NONE": "DMARC: fails; the From: domain asks for nothing (p=none)",
+    "DMARC_NONE": "DMARC: the From: domain publishes no policy",
 }
 _SPF_SYMBOL = {"pass": "SPF_PASS", "fail": "SPF_FAIL", "softfail": "SPF_SOFTFAIL", "neutral": "SPF_NEUTRAL",
                "none": "SPF_NONE", "permerror": "SPF_PERMERROR"}
@@ -356,6 +370,9 @@ def results_for(out: Outcome, settings: SenderAuthSettings) -> list:
 class SenderAuth(Check):
     name = "sender_auth"
     stage = Stage.DATA
+    symbols = tuple(Symbol(name, score, name.partition("_")[0].lower(), DESCRIPTIONS[name])
+                    for name, score in SCORES.items()) + (
+        Symbol("SENDER_AUTH", 0.0, "auth", "Carries the Authentication-Results header (no points)"),)
     priority = 40
 
     def __init__(self, settings: SenderAuthSettings, lookup_factory: Callable[[], BlockingDns],

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gateway.config import Domain, Section
 from gateway.pipeline import in_thread
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 from rules.sa.message import MessageView
 from rules.sa.uris import host_of, ip_of, registered_domain
@@ -133,6 +133,14 @@ class Uribl(Check):
     name = "uribl"
     stage = Stage.DATA
     priority = 60
+
+    @classmethod
+    def declared_symbols(cls, config, services=None):
+        out: dict[str, Symbol] = {}
+        for z in config.uribl.zones:
+            for sym in [z.symbol, *z.codes.values()]:
+                out.setdefault(sym, Symbol(sym, z.score, "uribl", f"Links to a domain listed in {z.zone}"))
+        return tuple(out.values())
 
     def __init__(self, settings: UriblSettings, resolver, run_in_thread=None):
         self.settings = settings

@@ -17,9 +17,10 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Stage
-from scanners.base import GuardedScanner, Scanner, scan_all, to_records
+from scanners.base import (CLEAN_SYMBOL, UNSCANNED_SYMBOL, VIRUS_SCORE, VIRUS_SYMBOL, GuardedScanner, Scanner,
+                           scan_all, to_records)
 from scanners.settings import AvSettings, ScannerSettings
 
 log = logging.getLogger("mailgate.scanners")
@@ -81,6 +82,12 @@ def _default_run_in_thread(reactor):
 class AntivirusCheck(Check):
     name = "antivirus"
     stage = Stage.DATA
+    symbols = (
+        Symbol(VIRUS_SYMBOL, VIRUS_SCORE, "antivirus", "A virus scanner found a virus"),
+        Symbol("VIRUS_*", 0.0, "antivirus", "This scanner found the virus (VIRUS_<ENGINE>)"),
+        Symbol(CLEAN_SYMBOL, 0.0, "antivirus", "Every virus scanner found the message clean"),
+        Symbol(UNSCANNED_SYMBOL, 0.0, "antivirus", "Delivered unscanned: a scanner failed (on_error = accept-tagged)"),
+    )
     priority = 20
 
     def __init__(self, scanners: list[GuardedScanner], av: AvSettings):

@@ -33,7 +33,7 @@ import re
 import zipfile
 from typing import Iterator, Optional
 
-from gateway.plugins import Check
+from gateway.plugins import Check, Symbol
 from gateway.records import Failed, Result, Stage
 from scanners.settings import AvSettings
 
@@ -139,6 +139,7 @@ def zip_names(data: bytes, depth: int, max_depth: int, max_nested: int, budget: 
 class BannedAttachments(Check):
     name = "banned_attachments"
     stage = Stage.DATA
+    symbols = (Symbol(SYMBOL, 0.0, "attachments", "Carries an attachment of a banned name or type"),)
     priority = 15
 
     blocking = True  # walking every part and opening zips inside zips: not on the reactor

@@ -65,9 +65,27 @@ def five_kb_messages(dirs: list[str], want: int = 400) -> list[bytes]:
     return out
 
 
+def short_modern(settings) -> list:
+    """The test suite's short modern hams and spams (tests/fixtures/short_modern)."""
+    from classifiers import evaluation as ev
+    from classifiers.model import HAM, SPAM
+    from classifiers.tokenizer import tokenize
+    from gateway.sources import iter_messages
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "short_modern")
+    out = []
+    for kind, label in (("ham", HAM), ("spam", SPAM)):
+        if os.path.isdir(os.path.join(root, kind)):
+            for s in ev.load_samples([os.path.join(root, kind)], label, lambda r: tokenize(r, settings.tokenizer),
+                                     iter_messages):
+                s.source = kind
+                out.append(s)
+    return out
+
+
 def main(argv=None) -> int:
     from classifiers import evaluation as ev
-    from classifiers.bayes_check import DEFAULT_SCORES
+    from classifiers.bayes_check import DEFAULT_SCORES, band_results
     from classifiers.model import DEFAULT_MODEL_SETTINGS, HAM, SPAM, BayesModel
     from classifiers.tokenizer import tokenize
     from gateway.sources import iter_messages
@@ -125,14 +143,26 @@ def main(argv=None) -> int:
             tok.append(time.perf_counter() - t)
         rows.append(("  of which tokenizing", f"median {1e3 * statistics.median(tok):.2f} ms"))
 
-        for label, only in (("80/20 split (fold 0 of 5)", 0), ("5-fold cross-validation", None)):
-            r = ev.cross_validate(samples, settings, 5, 5.0, dict(DEFAULT_SCORES), only_fold=only)
-            c = r.confusion()
-            fp, rec = r.rates()
-            hard = [(e, n) for src, kind, e, n in r.per_source() if src.endswith("hard_ham")]
-            hard_txt = f", hard_ham FP {hard[0][0]}/{hard[0][1]}" if hard else ""
-            rows.append((f"{label} @5.0", f"ham FP {c['fp']}/{c['fp'] + c['tn']} = {100 * fp:.2f} %, "
-                                          f"spam recall {100 * rec:.2f} %, AUC {r.auc():.4f}{hard_txt}"))
+        # before/after the evidence shrinking (classifiers/model.py
+        # BayesModel._calibrated): full_evidence 0 is the calibration before it
+        short = short_modern(settings)
+        for what, full in (("before (no shrinking)", 0.0), ("after (shrinking)", None)):
+            for label, only in (("80/20 split (fold 0 of 5)", 0), ("5-fold cross-validation", None)):
+                r = ev.cross_validate(samples, settings, 5, 5.0, dict(DEFAULT_SCORES), only_fold=only,
+                                      full_evidence=full)
+                c = r.confusion()
+                fp, rec = r.rates()
+                hard = [(e, n) for src, kind, e, n in r.per_source() if src.endswith("hard_ham")]
+                hard_txt = f", hard_ham FP {hard[0][0]}/{hard[0][1]}" if hard else ""
+                rows.append((f"{what}: {label} @5.0", f"ham FP {c['fp']}/{c['fp'] + c['tn']} = {100 * fp:.2f} %, "
+                                                      f"spam recall {100 * rec:.2f} %, AUC {r.auc():.4f}{hard_txt}"))
+            if short:
+                whole = ev.train_on(samples, settings, full_evidence=full)
+                for kind in ("ham", "spam"):
+                    probs = ev.score_samples(whole, [s for s in short if s.source == kind])
+                    bands = [band_results(p, DEFAULT_SCORES)[0].symbol[6:] for p in probs]
+                    rows.append((f"{what}: short modern {kind}", f"P {' '.join(f'{p:.2f}' for p in probs)}; "
+                                                                 f"bands {' '.join(bands)}"))
 
     width = max(len(k) for k, _ in rows)
     print("Bayes classifier (targets: classify <= 2 ms median, train < 60 s, model < 100 MB, "

@@ -494,6 +494,8 @@ dir = "{self.queue}"
 level = "warning"
 [checks]
 disabled = [{", ".join(f'"{c}"' for c in disabled)}]
+[web]
+enabled = false
 """ + (f'[auth]\nusers_file = "{users_file}"\n' if users_file else ""))
         self.log_path = workdir / "mailgate.log"
         self.log = open(self.log_path, "ab")

@@ -6,17 +6,22 @@
 set -eu
 PKGS="clamav-daemon clamav clamdscan rbldnsd dnsmasq-base nsd swaks
 libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl postfix
-c-icap libc-icap-mod-virus-scan slapd ldap-utils openssl xxd spamassassin"
+c-icap libc-icap-mod-virus-scan slapd ldap-utils openssl xxd spamassassin spamd spamc
+redis-server postgresql chromium chromium-driver"
 # program -> package: a missing program means its package must be installed
 NEED=""
 for pair in clamd:clamav-daemon clamscan:clamav clamdscan:clamdscan rbldnsd:rbldnsd \
             dnsmasq:dnsmasq-base nsd:nsd swaks:swaks smtp-sink:postfix smtp-source:postfix \
             c-icap:c-icap slapd:slapd ldapadd:ldap-utils xxd:xxd \
-            spamassassin:spamassassin; do
+            spamassassin:spamassassin spamd:spamd spamc:spamc \
+            redis-server:redis-server redis-cli:redis-tools \
+            chromium:chromium chromedriver:chromium-driver; do
   prog=${pair%%:*}
   if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$prog" ]; then NEED="$NEED ${pair#*:}"; fi
 done
 [ -f /usr/lib/x86_64-linux-gnu/c_icap/virus_scan.so ] || [ -n "$(ls /usr/lib/*/c_icap/virus_scan.so 2>/dev/null)" ] || NEED="$NEED libc-icap-mod-virus-scan"
+# the tracking store's PostgreSQL tests: the server binaries are not on PATH
+[ -n "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || NEED="$NEED postgresql"
 [ -z "$NEED" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages:$NEED (run make test as root to install them)" >&2
@@ -31,6 +36,6 @@ apt-get update -q >/dev/null
 # shellcheck disable=SC2086
 apt-get install -y -q --no-install-recommends $PKGS >/dev/null
 # where package scripts started services, stop them: tests start their own
-for s in clamav-daemon clamav-freshclam rbldnsd nsd redis-server c-icap slapd postfix; do
+for s in clamav-daemon clamav-freshclam rbldnsd nsd redis-server c-icap slapd postfix postgresql; do
   service "$s" stop >/dev/null 2>&1 || true
 done

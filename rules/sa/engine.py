@@ -51,17 +51,26 @@ class _Scan:
     per_unit: bool  # anchors/flags that only make sense on one unit at a time
     on_lower: bool = False  # a /i regex rewritten to run case-sensitively on lower-cased text
     prefiltered: bool = False  # runs only when the kind's Hyperscan pass names it
+    nosubject: bool = False  # tflags nosubject: a body rule that skips the Subject line
 
 
 class Engine:
     def __init__(self, rs: RuleSet, score_set: int = DEFAULT_SCORE_SET,
                  owned_elsewhere: Iterable[str] = (), report_evals_of: Iterable[str] = (),
-                 use_prefilter: bool = True, cache_dir: Optional[str] = None):
+                 use_prefilter: bool = True, cache_dir: Optional[str] = None,
+                 score_sets: Iterable[int] = ()):
+        """``score_set``: the set messages are scored with unless the caller
+        names another; ``score_sets``: the other sets it may name per message
+        (SpamAssassin switches to the Bayes sets once a model is available).
+        A rule runs when it scores in any of them."""
         self.rs = rs
         self.use_prefilter = use_prefilter
         self.cache_dir = cache_dir
         self.score_set = score_set
-        self.scores = {n: rs.score_of(n, score_set) for n in rs.rules}
+        self.set_scores = {s: {n: rs.score_of(n, s) for n in rs.rules} for s in {score_set, *score_sets}}
+        self.scores = self.set_scores[score_set]
+        # nonzero in some set: what decides which rules run (see _active)
+        self._runs = {n: any(v[n] for v in self.set_scores.values()) for n in rs.rules}
         self.owned_elsewhere = set(owned_elsewhere)
         self.rbl_sets: dict[str, str] = {}
         self._prepare()
@@ -71,7 +80,7 @@ class Engine:
     def _active(self) -> set[str]:
         """Rules worth running: a non-zero score, or needed by such a meta."""
         rules = self.rs.rules
-        wanted = {n for n, r in rules.items() if self.scores.get(n, 0) != 0 and not n.startswith("__")}
+        wanted = {n for n, r in rules.items() if self._runs.get(n) and not n.startswith("__")}
         stack = list(wanted)
         while stack:
             r = rules.get(stack.pop())
@@ -142,8 +151,10 @@ class Engine:
         parsed = rule.parsed
         per_unit = False
         extra = 0
+        nosubject = rule.kind == "body" and "nosubject" in flags
         if rule.kind in _UNIT_KINDS:
-            per_unit = bool(parsed.flags & re.DOTALL) or b"\\A" in parsed.source or b"\\Z" in parsed.source
+            per_unit = (bool(parsed.flags & re.DOTALL) or b"\\A" in parsed.source or b"\\Z" in parsed.source
+                        or nosubject)  # the joined text starts with the Subject
             extra = re.MULTILINE  # ^ and $ at each paragraph (line, URI) of the joined text
         if parsed.tree is None:
             parsed.reparse()
@@ -151,7 +162,7 @@ class Engine:
             rule.needles = tree_needles(parsed.tree)
         regex, on_lower = optimise_parsed(parsed, top_guard=rule.kind != "header", extra_flags=extra)
         return _Scan(rule, regex, rule.needles, "multiple" in flags,
-                     self.rs.maxhits.get(rule.name, 0), per_unit, on_lower=on_lower)
+                     self.rs.maxhits.get(rule.name, 0), per_unit, on_lower=on_lower, nosubject=nosubject)
 
     def _build_prefilters(self) -> None:
         """One Hyperscan pass per kind of text instead of a regex scan per rule.
@@ -215,8 +226,8 @@ class Engine:
 
         # lazy metas: one function each, called when a rule reads the name;
         # scored metas: one function for all, in dependency order (no call per rule)
-        lazy = [r for r in order if r.name.startswith("__") or self.scores.get(r.name, 0) == 0]
-        eager = [r for r in order if not (r.name.startswith("__") or self.scores.get(r.name, 0) == 0)]
+        lazy = [r for r in order if r.name.startswith("__") or not self._runs.get(r.name)]
+        eager = [r for r in order if not (r.name.startswith("__") or not self._runs.get(r.name))]
         lines = []
         for i, r in enumerate(lazy):
             body = _meta_python(r.meta, costly)
@@ -298,7 +309,7 @@ class Engine:
             if not any(map(low.__contains__, scan.needles)):
                 return 0
         if scan.per_unit and kind != "full":
-            return _count_units(scan, hits.units_of(kind, scan.on_lower))
+            return _count_units(scan, _skip_subject(scan, hits.units_of(kind, scan.on_lower), hits.view))
         n = _count_joined(scan, hits.low_of(kind) if scan.on_lower else text, kind)
         if n < 0:
             n = _count_units(scan, hits.units_of(kind, scan.on_lower))
@@ -348,7 +359,7 @@ class Engine:
                 elif not any(map(low.__contains__, needles)):
                     continue
             if scan.per_unit and kind != "full":
-                n = _count_units(scan, unit_list(scan.on_lower))
+                n = _count_units(scan, _skip_subject(scan, unit_list(scan.on_lower), hits.view))
             else:
                 n = _count_joined(scan, low if scan.on_lower else text, kind)
                 if n < 0:
@@ -426,6 +437,14 @@ class _Hits(dict):
             value = self[key] = engine._count_deferred(deferred[0], deferred[1], self)
             return value
         return 0
+
+
+def _skip_subject(scan: _Scan, units, view):
+    """Body units less the Subject (the first paragraph when there is one)
+    for ``tflags nosubject`` rules, as Check.pm skips the first body line."""
+    if scan.nosubject and view.subject:
+        return units[1:]
+    return units
 
 
 def _header_match(scan: _Scan, value, value_low) -> bool:
@@ -553,13 +572,15 @@ def _guarded_return(body: str, divides: bool) -> list[str]:
     return ["    try:", f"        return 1 if ({body}) else 0", "    except ZeroDivisionError:", "        return 0"]
 
 
-def hits_report(engine: Engine, hits: dict[str, int]) -> list[Hit]:
-    """The hits worth reporting: scored, not ``__`` sub-rules, not owned by another check."""
+def hits_report(engine: Engine, hits: dict[str, int], score_set: Optional[int] = None) -> list[Hit]:
+    """The hits worth reporting: scored (in ``score_set``, default the
+    engine's), not ``__`` sub-rules, not owned by another check."""
+    scores = engine.scores if score_set is None else engine.set_scores[score_set]
     out = []
     for name in sorted(hits):
         if name.startswith("__") or name in engine.owned_elsewhere:
             continue
-        score = engine.scores.get(name, 0.0)
+        score = scores.get(name, 0.0)
         if score == 0:
             continue
         out.append(Hit(name, score, hits[name], engine.rs.describes.get(name, "")))

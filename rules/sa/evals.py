@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -27,6 +28,11 @@ class EvalContext:
     dnsbl_txt: dict[str, list[str]] = field(default_factory=dict)
     rbl_sets: dict[str, str] = field(default_factory=dict)  # check_rbl set name -> zone
     cache: dict = field(default_factory=dict)
+    # what the gateway's sender_domain check (MAIL stage, through the injected
+    # resolver) learned of the envelope sender's domain: None when it did not
+    # look (null sender, relay client, check off, offline scoring) or the
+    # domain exists, "nxdomain" when it does not
+    sender_dns: Optional[str] = None
 
 
 def address_matches(address: str, patterns) -> bool:
@@ -135,18 +141,52 @@ def _check_range_args(args):
     return None
 
 
+_ILLEGAL_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\xff]")
+_C0_CONTROLS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _raw_header_bytes(ctx, name: str) -> list[bytes]:
+    """The header's values as the bytes on the wire (the parsed view turns
+    undeclared 8-bit bytes into U+FFFD, which would look like valid UTF-8)."""
+    key = ("raw_header_bytes",)
+    fields = ctx.cache.get(key)
+    if fields is None:
+        head = ctx.view.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+        fields = []
+        for line in head.split(b"\n"):
+            if line[:1] in (b" ", b"\t") and fields:
+                fields[-1][1].append(line)
+            elif b":" in line:
+                k, _, v = line.partition(b":")
+                fields.append((k.strip().lower(), [v.lstrip(b" \t")]))
+        ctx.cache[key] = fields
+    want = name.lower().encode()
+    return [b"\n".join(v) for k, v in fields if k == want]
+
+
 def _illegal_chars(ctx, args):
+    """HeaderEval::check_illegal_chars on the raw header: valid UTF-8
+    without controls is legal; otherwise count non-ASCII and C0 controls
+    (less one cent, pound or registered sign in a Subject)."""
     header, ratio, count = args[0], float(args[1]), float(args[2])
     if header.upper() == "ALL":
-        raw = ctx.view.raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
-        # RFC 2047 is the legal way to carry 8-bit text; strip what is already legal
+        raw = ctx.view.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0] + b"\n"
     else:
-        vals = ctx.view.header_values(header, raw=True)
-        raw = "".join(vals).encode("utf-8", "surrogateescape")
-    if not raw:
+        raw = b"\n".join(_raw_header_bytes(ctx, header))
+    if not raw.strip():
         return 0
-    illegal = sum(1 for b in raw if b >= 0x80)
-    return 1 if illegal / len(raw) > ratio and illegal >= count else 0
+    if any(b >= 0x80 for b in raw):
+        try:
+            raw.decode("utf-8")
+            if not _C0_CONTROLS.search(raw):
+                return 0
+        except UnicodeDecodeError:
+            pass
+    illegal = len(_ILLEGAL_HEADER_BYTES.findall(raw))
+    if illegal and header.lower() == "subject":
+        if sum(raw.count(c) for c in (b"\xa2", b"\xa3", b"\xae")) == 1:
+            illegal -= 1
+    return 1 if illegal / len(raw) >= ratio and illegal >= count else 0
 
 
 def _originators(ctx) -> list[str]:
@@ -256,12 +296,9 @@ def _body_length(ctx, args):
     return 1 if ctx.view.body_length <= float(args[0]) else 0
 
 
-_MIME_KEYS = {
-    "mime_base64_count": lambda st: st["base64_count"],
-    "mime_qp_count": lambda st: st["qp_count"],
-    "mime_attachment": lambda st: 1 if st["attachment"] else 0,
-    "mime_base64_encoded_text": lambda st: 1 if st["base64_text"] else 0,
-}
+_MIME_KEYS: dict = {}  # every key check_for_mime knows is read from mime_scan below
+
+
 
 
 _MIME_SCAN_KEYS = {
@@ -271,6 +308,12 @@ _MIME_SCAN_KEYS = {
     # Message.pm sets this flag on the message; SA 4.0's check_for_mime looks
     # for it on the scan status and never finds it: we read it where it is
     "mimepart_limit_exceeded": lambda st: st["mimepart_limit_exceeded"],
+    # as _check_attachments counts them: base64 parts, excess QP bytes (SA
+    # reuses the name), Content-Disposition attachments, base64 ASCII text
+    "mime_base64_count": lambda st: st["base64_count"],
+    "mime_qp_count": lambda st: st["qp_count"],
+    "mime_attachment": lambda st: st["attachment"],
+    "mime_base64_encoded_text": lambda st: st["base64_encoded_text"],
 }
 
 
@@ -467,36 +510,59 @@ def _range2_check(args):
 
 # --- dates, capitals, more HTML -----------------------------------------------------
 
-_RCVD_DATE = re.compile(r";\s*([^;]*\d{1,2}\s+\w{3}\s+\d{2,4}\s+\d{1,2}:\d{2}[^;]*)$", re.S)
+_RCVD_TIME = re.compile(r"(\s.?\d+ \S\S\S \d+ \d+:\d+:\d+ \S+)")
+_RCVD_LOCAL = re.compile(r"\bfrom (?:localhost\s|(?:\S+ ){1,2}\S*\b127\.0\.0\.1\b)|qmail \d+ invoked by uid \d+")
+_RCVD_FETCHMAIL = re.compile(r"\bby localhost with \w+ \(fetchmail-[\d.]+")
+
+
+def _date_header_time(ctx) -> Optional[int]:
+    """HeaderEval::_get_date_header_time: Resent-Date, else Date, the first that parses."""
+    for header in ("Resent-Date", "Date"):
+        for value in ctx.view.header_values(header, raw=True):
+            if value.strip():
+                when = parse_rfc822_date(value.strip())
+                if when is not None:
+                    return when
+    return None
+
+
+def _received_header_times(ctx) -> list[int]:
+    """HeaderEval::_get_received_header_times: the date of each Received
+    header, newest first, leaving out the local delivery and fetchmail hops
+    on top (their time is when the mail was fetched, not sent)."""
+    received = [re.sub(r"\n[ \t]+", " ", v.strip("\r\n")).replace("\r", "")
+                for v in ctx.view.header_values("Received", raw=True)]
+    received = [r for r in received if r.strip()]
+    if received and _RCVD_LOCAL.search(received[0]):
+        local = received[:1]
+        received = received[1:]
+        if received and _RCVD_FETCHMAIL.search(received[0]):
+            received = received[1:]
+        else:
+            received = local + received
+    times = []
+    for r in received:
+        m = _RCVD_TIME.search(r)
+        if m:
+            when = parse_rfc822_date(m.group(1))
+            if when is not None:
+                times.append(when)
+    return times
 
 
 def _date_diff(ctx) -> Optional[float]:
-    """Date: header minus the closest Received: time, in seconds (as SpamAssassin)."""
+    """HeaderEval::_check_date_diff: Date: minus the closest Received time,
+    in seconds; 0 when either is missing (SpamAssassin's default)."""
     if "date_diff" in ctx.cache:
         return ctx.cache["date_diff"]
-    import email.utils
-
-    diff = None
-    dates = ctx.view.header_values("Date")
-    try:
-        when = email.utils.parsedate_to_datetime(dates[0].strip()).timestamp() if dates else None
-    except (TypeError, ValueError, IndexError, OverflowError):
-        when = None
-    if when is not None:
-        times = []
-        for value in ctx.view.header_values("Received"):
-            m = _RCVD_DATE.search(value.strip())
-            if not m:
-                continue
-            try:
-                times.append(email.utils.parsedate_to_datetime(m.group(1).strip()).timestamp())
-            except (TypeError, ValueError, OverflowError):
-                continue
-        if times:
-            diffs = [when - t for t in times]
-            if len(diffs) > 1 and diffs[-1] == 0:
-                diffs.pop()
-            diff = min(diffs, key=abs)
+    diff = 0
+    when = _date_header_time(ctx)
+    times = _received_header_times(ctx) if when is not None else []
+    if times:
+        diffs = [when - t for t in times]
+        if len(diffs) > 1 and diffs[-1] == 0:
+            diffs.pop()
+        diff = sorted(diffs, key=abs)[0]
     ctx.cache["date_diff"] = diff
     return diff
 
@@ -553,11 +619,13 @@ def _uppercase(ctx, args):
 
 
 def _html_image_only(ctx, args):
+    """HTMLEval::html_image_only: an HTML part with an image whose HTML
+    source (HTML.pm's {length}, not the rendered text) is min < length <= max."""
     r = ctx.view.html
-    if r is None or not r.tags.get("img"):
+    if r is None:
         return 0
-    length = len(re.sub(r"\s+", "", "".join(r.text)))
-    return 1 if float(args[0]) < length <= float(args[1]) else 0
+    lo, hi = float(args[0]), float(args[1])
+    return 1 if any(st.get("img") and lo < st.get("length", 0) <= hi for st in r.part_stats) else 0
 
 
 _EXPR = re.compile(r"^\s*(==|!=|<=|>=|<|>)\s*(-?\d+)\s*$")
@@ -571,10 +639,14 @@ def _compare(value: float, expr: str) -> bool:
 
 
 def _html_tag_balance(ctx, args):
+    """HTMLEval::html_tag_balance: in any HTML part that saw the tag, its
+    open-minus-close count (never below 0) satisfies the expression."""
     r = ctx.view.html
-    if r is None or args[0].lower() not in r.tags:
+    if r is None:
         return 0
-    return 1 if _compare(float(r.balance.get(args[0].lower(), 0)), args[1]) else 0
+    tag = args[0].lower()
+    return 1 if any(tag in st.get("balance", {}) and _compare(float(st["balance"][tag]), args[1])
+                    for st in r.part_stats) else 0
 
 
 def _expr_check(args):
@@ -601,39 +673,38 @@ def _mime_html(ctx, args):
     return 1 if ctx.view.html is not None else 0
 
 
-# --- the relay we saw (RelayEval) ---------------------------------------------------
+# --- the Received chain (RelayEval) --------------------------------------------------
+# ``ctx.view.chain`` is Received.pm's reading of the chain (rules.sa.received):
+# live, our own SMTP session is its newest hop.
 
 
 def _all_trusted(ctx, args):
-    relay = ctx.view.relay
-    return 1 if relay is not None and relay.get("trusted") else 0
+    c = ctx.view.chain
+    return 1 if c.trusted and not c.untrusted and not c.unparseable else 0
 
 
 def _no_relays(ctx, args):
-    return 1 if ctx.view.relay is None and not ctx.view.header_values("Received") else 0
+    c = ctx.view.chain
+    return 1 if not c.trusted and not c.untrusted and not c.unparseable else 0
 
 
 def _relays_unparseable(ctx, args):
-    return 0  # the one relay we know is our own SMTP session, never unparseable
+    return 1 if ctx.view.chain.unparseable else 0
 
 
 def _helo_ip_mismatch(ctx, args):
-    """HELO is an IP address literal whose /16 is not the client's (SpamAssassin's test)."""
-    import ipaddress
+    # RelayEval::helo_ip_mismatch: an untrusted hop whose (public) IPv4 HELO is
+    # not in the client's /24
+    from rules.sa.received import is_ipv4, is_private
 
-    relay = ctx.view.relay
-    if relay is None or relay.get("trusted"):
-        return 0
-    helo = relay.get("helo", "").strip("[]")
-    try:
-        claimed = ipaddress.ip_address(helo.removeprefix("IPv6:"))
-        actual = ipaddress.ip_address(relay.get("ip", ""))
-    except ValueError:
-        return 0
-    rfc1918 = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8")]
-    if claimed.version != 4 or actual.version != 4 or any(a in n for a in (claimed, actual) for n in rfc1918):
-        return 0  # private addresses say nothing across a NAT
-    return 1 if str(claimed).split(".")[:2] != str(actual).split(".")[:2] else 0
+    for r in ctx.view.chain.untrusted:
+        if not is_ipv4(r.helo) or is_private(r.helo):
+            continue
+        if is_ipv4(r.ip) and not is_private(r.ip) and r.helo != r.ip:
+            prefix = r.helo.rsplit(".", 1)[0] + "."
+            if not r.ip.startswith(prefix):
+                return 1
+    return 0
 
 
 _DOTCOM_HELO = re.compile(r"(?:\.|^)(?:lycos\.com|lycos\.co\.uk|hotmail\.com|localhost\.com|excite\.com|"
@@ -641,11 +712,114 @@ _DOTCOM_HELO = re.compile(r"(?:\.|^)(?:lycos\.com|lycos\.co\.uk|hotmail\.com|loc
 
 
 def _no_rdns_dotcom_helo(ctx, args):
-    relay = ctx.view.relay
-    if relay is None or relay.get("trusted") or relay.get("rdns"):
-        return 0
-    return 1 if _DOTCOM_HELO.search(relay.get("helo", "")) else 0
+    # RelayEval::_check_received_helos: as in SpamAssassin, each public untrusted
+    # hop resets the verdict, so the oldest one decides
+    found = 0
+    for r in ctx.view.chain.untrusted:
+        if r.ip_private:
+            continue
+        found = 1 if _DOTCOM_HELO.search(r.helo) and r.no_reverse_dns else 0
+    return found
 
+
+_NUMERIC_HELO = re.compile(r"\bhelo=((?:1\d\d|2[0-4]\d|25[0-5]|[1-9]\d|\d)(?:\.(?:1\d\d|2[0-4]\d|25[0-5]|[1-9]\d|\d))"
+                           r"{3})\b(?=[\000-\040,;\[()<>]|\Z)", re.I)
+
+
+def _numeric_helo(ctx, args):
+    # RelayEval::check_for_numeric_helo (bug 5878: a public address as HELO)
+    from rules.sa.received import is_private
+
+    text = " ".join(r.as_string() for r in ctx.view.chain.untrusted)
+    m = _NUMERIC_HELO.search(text)
+    return 1 if m and not is_private(m.group(1)) else 0
+
+
+def _sender_no_reverse(ctx, args):
+    # RelayEval::check_for_sender_no_reverse: the oldest untrusted hop has a dotted rDNS
+    untrusted = ctx.view.chain.untrusted
+    if not untrusted:
+        return 0
+    r = untrusted[-1]
+    return 1 if "." in r.rdns and not r.ip_private else 0
+
+
+def _from_domain_in_received(ctx, args):
+    # RelayEval::check_for_from_domain_in_received_headers(domain, 'true'|'false')
+    domain, desired = args[0], args[1]
+    if not re.search(rb"\b" + re.escape(domain.encode()), _get_addr(ctx, "From"), re.I):
+        return 0
+    c = ctx.view.chain
+    rcvd = " ".join(r.as_string() for r in c.trusted) + "\n" + " ".join(r.as_string() for r in c.untrusted)
+    d = domain  # SpamAssassin interpolates the domain unescaped into the pattern
+    found = re.search(rf" rdns=\S*\b{d} [^\]]*by=\S*\b{d} ", rcvd) is not None
+    return 1 if found == (desired == "true") else 0
+
+
+def _from_domain_check(args):
+    if len(args) != 2:
+        return "needs a domain and 'true' or 'false'"
+    re.compile(args[0])
+    return None
+
+
+def _hostname_to_domain(hostname: str) -> str:
+    # RelayEval::hostname_to_domain
+    if not re.search(r"[a-zA-Z]", hostname):
+        return hostname  # an IP address
+    parts = hostname.split(".")
+    if len(parts) > 1 and re.search(r"(?:\S{3,}|ie|fr|de)", parts[-1]):
+        return ".".join(parts[-2:])
+    if len(parts) > 2:
+        return ".".join(parts[-3:])
+    return hostname
+
+
+_DOMAIN_LIKE = re.compile(r"^\w+(?:[\w.-]+\.)+\w+$")
+_V4_ONLY = re.compile(r"^(\d+\.\d+)\.\d+\.\d+$")
+
+
+def _forged_received(ctx) -> tuple[int, int]:
+    """RelayEval::_check_for_forged_received: (mismatch_from, mismatch_ip_helo)
+    over the untrusted hops, newest first: a hop's "by" domain that is not the
+    newer hop's rDNS domain, and an IP-address HELO in another /16 than the client."""
+    state = ctx.cache.get("forged_received")
+    if state is not None:
+        return state
+    from rules.sa.received import is_private
+
+    relays = ctx.view.chain.untrusted
+    by = [_hostname_to_domain(r.by.lower()) for r in relays]
+    frm: list = [_hostname_to_domain(r.rdns.lower()) for r in relays]
+    helo = [_hostname_to_domain(r.helo.lower()) for r in relays]
+    mismatch_from = mismatch_ip_helo = 0
+    for i, r in enumerate(relays):
+        if not _DOMAIN_LIKE.match(by[i]):
+            continue
+        if frm[i] is not None and re.match(r"^localhost(?:\.localdomain)?$", frm[i]) and r.ip == "127.0.0.1":
+            frm[i] = None
+        hlo, fip = helo[i], r.ip
+        if _V4_ONLY.match(hlo) and re.match(r"^\d+\.\d+\.\d+\.\d+$", fip) and fip != hlo:
+            hclassb, fclassb = _V4_ONLY.match(hlo).group(1), _V4_ONLY.match(fip).group(1)
+            if hclassb != fclassb and not is_private(hlo):
+                mismatch_ip_helo += 1
+        prev = frm[i - 1] if i > 0 else None
+        if prev is not None and _DOMAIN_LIKE.match(prev) and by[i] != prev and not (by[i] == "msn.com"
+                                                                                     and prev == "hotmail.com"):
+            mismatch_from += 1
+    state = ctx.cache["forged_received"] = (mismatch_from, mismatch_ip_helo)
+    return state
+
+
+def _forged_received_trail(ctx, args):
+    # RelayEval::check_for_forged_received_trail: more than one hop whose "by"
+    # is not the domain the next newer hop came from
+    return 1 if _forged_received(ctx)[0] > 1 else 0
+
+
+def _forged_received_ip_helo(ctx, args):
+    # RelayEval::check_for_forged_received_ip_helo
+    return 1 if _forged_received(ctx)[1] > 0 else 0
 
 
 # --- HeaderEval: more header tests ------------------------------------------------
@@ -1100,15 +1274,16 @@ def _mailfrom_matches_rcvd(ctx, args):
     # domain against the first untrusted relay's rDNS (all trusted ones if none)
     sender = _get_addr(ctx, "EnvelopeFrom").decode("utf-8", "replace")
     m = re.search(r"\@([^@]+\.[^@]+)\Z", sender)
-    relay = ctx.view.relay
-    if not m or relay is None:
+    if not m:
         return 0
-    rdns = (relay.get("rdns") or "").lower()
-    if not rdns:
-        return 0
+    c = ctx.view.chain
+    relays = c.untrusted[:1] or c.trusted
     sender_domain = _valid_registered_domain(m.group(1)) or m.group(1).lower()
-    relay_domain = _valid_registered_domain(rdns) or rdns
-    return 1 if sender_domain == relay_domain else 0
+    for r in relays:
+        rdns = r.rdns.lower()
+        if rdns and (_valid_registered_domain(rdns) or rdns) == sender_domain:
+            return 1
+    return 0
 
 
 # --- BodyEval ----------------------------------------------------------------------
@@ -1344,6 +1519,302 @@ def _html_charset_faraway(ctx, args):
             return 1
     return 0
 
+# --- check_dns_sender (DNSEval.pm) -------------------------------------------------
+
+
+def _dns_sender(ctx, args):
+    """NO_DNS_FOR_FROM: the envelope sender's domain does not exist (its A and
+    MX lookups answered NXDOMAIN).  A network test: SpamAssassin runs it only
+    with DNS.  This engine runs its evals synchronously in a worker thread,
+    so it does not query: the answer is the one the gateway's sender_domain
+    check already got at MAIL time through the injected resolver.  Without
+    that answer (offline scoring, check disabled, lookup failed) the rule
+    does not hit, as in SpamAssassin without DNS."""
+    return 1 if ctx.sender_dns == "nxdomain" else 0
+
+
+# --- VBounce plugin (VBounce.pm) ---------------------------------------------------
+
+
+def _bounce_relays(ctx):
+    patterns = ctx.lists.get("bounce_relays", ())
+    return _globs(patterns) if patterns else None
+
+
+def _have_any_bounce_relays(ctx, args):
+    return 1 if ctx.lists.get("bounce_relays") else 0
+
+
+_QUOTED_RECEIVED = re.compile(rb"^[> ]*Received:", re.I)
+
+
+def _welcomelist_bounce_relays(ctx, args):
+    """A bounce quoting a Received header of one of our own relays: the
+    message it returns really went out through us."""
+    rx = _bounce_relays(ctx)
+    if rx is None:
+        return 0
+
+    def listed(host: bytes) -> bool:
+        return bool(rx.match(host.decode("utf-8", "surrogateescape").lower()))
+
+    for line in ctx.view.paragraphs:
+        if _QUOTED_RECEIVED.match(line) and any(listed(h) for h in re.findall(rb"(?<= )(\S+\.\S+)(?= )", line)):
+            return 1
+    body = ctx.view.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[-1]
+    if not re.search(rb"Received:", body, re.I):
+        return 0
+    full, found = b"", False
+    for line in body.split(b"\n"):
+        if not found:
+            if not _QUOTED_RECEIVED.match(line):
+                continue
+            found = True
+        full = full + line if line[:1].isspace() else line
+        if _QUOTED_RECEIVED.match(full) and any(listed(h) for h in re.findall(rb"(?<=\s)(\S+\.\S+)(?=\s)", full)):
+            return 1
+    return 0
+
+
+# --- check_stock_info (BodyEval.pm) ----------------------------------------------
+
+_STOCK_FIELD = re.compile(r"^\s*([^:\s][^:\n]{2,29})\s*:\s*\S", re.M)
+# as in BodyEval: every alternative is anchored at the end, only the first at the start
+_STOCK_WORD = re.compile(
+    r"(^trad(?:e|ing)date|company(?:name)?|s\w?(?:t\w?o\w?c\w?k|y\w?m(?:\w?b\w?o\w?l)?)|t(?:arget|icker)"
+    r"|(?:opening|current)p(?:rice)?|p(?:rojected|osition)|expectations|weeks?high|marketperformance"
+    r"|(?:year|week|month|day|price)(?:target|estimates?)|sector|r(?:ecommendation|ating))$")
+_MAX_BODY_LINE = 2048  # Message.pm MAX_BODY_LINE_LENGTH
+
+
+def _short_paragraphs(text: str) -> list[str]:
+    """Message::split_into_array_of_short_paragraphs: chunks of 2-4 KB cut
+    at a newline, a '>' or a space, so no regex sees a huge line."""
+    n = len(text)
+    if n <= _MAX_BODY_LINE:
+        return [text]
+    out, ofs = [], 0
+    while n - ofs > 2 * _MAX_BODY_LINE:
+        for sep in ("\n", ">", " "):
+            j = text.find(sep, ofs + _MAX_BODY_LINE)
+            if j >= 0 and j - ofs + 1 <= 2 * _MAX_BODY_LINE:
+                break
+        else:
+            j = ofs + _MAX_BODY_LINE
+        out.append(text[ofs:j + 1])
+        ofs = j + 1
+    if ofs < n:
+        out.append(text[ofs:])
+    return out
+
+
+def _stock_info(ctx, args):
+    """Stock-tip fields ("Symbol: ...", "Target: ...") in the first text/plain
+    part: hits when at least ``min`` different kinds appear (0: always)."""
+    minimum = int(float(args[0])) if args else 0
+    if "stock_info" not in ctx.cache:
+        kinds: set[str] = set()
+        plain = [t for c, t, _ in ctx.view._parts if c == "text/plain"]
+        if plain:
+            for chunk in _short_paragraphs(plain[0]):
+                for field_name in _STOCK_FIELD.findall(chunk):
+                    word = re.sub(r"[^a-z]", "", field_name.lower())
+                    m = _STOCK_WORD.search(word)
+                    if m:
+                        kinds.add(m.group(1))
+        ctx.cache["stock_info"] = len(kinds)
+    return 1 if minimum == 0 or ctx.cache["stock_info"] >= minimum else 0
+
+
+# --- FreeMail plugin (FreeMail.pm) and check_equal_from_domains (HeaderEval.pm) ---
+
+# FreeMail.pm's default welcomelist: role accounts and provider-generated senders
+_FM_WELCOME = re.compile(
+    r"^(?:abuse|support|sales|info|helpdesk|contact|kontakt|(?:post|host|domain)master|undisclosed.*"
+    r"|request-[a-f0-9]{16}|bounced?-|[a-f0-9]{8}(?:\.[a-f0-9]{8}|-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12})"
+    r"|.+=.+=.+)@", re.I)
+# envelope senders of bulk mail: check_freemail_replyto does not judge them
+_FM_BULK_ENVFROM = re.compile(
+    r"(?:^(?:post|host|domain)master|^double-bounce|^(?:sentto|owner|return|(?:gr)?bounced?)-.+"
+    r"|-(?:request|bounces?|admin|owner)|\b(?:do[._-t]?)?no[._-t]?repl(?:y|ies)|.+=.+)@", re.I)
+# FreeMail.pm's email_regex; any alphabetic TLD stands in for its valid_tlds
+_FM_EMAIL = (r"(?=.{0,64}@)(?<![a-z0-9!#$%&'*+/=?^_`{|}~-])([a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+             r"(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*@(?:[a-z0-9](?:[a-z0-9-]{0,59}[a-z0-9])?\.){1,4}"
+             r"(?:xn--[a-z0-9-]+|[a-z]{2,63})\b)")
+_FM_EMAIL_RE = re.compile(_FM_EMAIL, re.I)
+_FM_URL_AT = re.compile(r"<?https?://\S{0,255}(?:@|%40)\S{0,255}", re.I)
+_FM_LABELLED = re.compile(r"<?(?<!mailto:)" + _FM_EMAIL +
+                          r"(?:>|\s{1,10}(?!(?:fa(?:x|csi)|tel|phone|e?-?mail))[a-z]{2,11}:)", re.I)
+_FM_MAX_BODY_EMAILS = 5  # freemail_max_body_emails
+_FM_MAX_BODY_FREEMAILS = 3  # freemail_max_body_freemails
+_fm_tables: dict[int, tuple] = {}
+
+
+def _freemail_table(ctx) -> Optional[tuple]:
+    """(domains, wildcard regex, welcomelist) from the rules' freemail_* lines;
+    None when there are none (FreeMail.pm then disables itself)."""
+    domains = ctx.lists.get("freemail_domains")
+    if not domains:
+        return None
+    cached = _fm_tables.get(id(domains))
+    if cached is None or cached[0] is not domains:
+        plain = {d for d in domains if "*" not in d and "?" not in d}
+        wild = [re.escape(d).replace(r"\?", ".").replace(r"\*", "[^.]*") for d in domains if d not in plain]
+        wild_re = re.compile(r"@(?:" + "|".join(wild) + r")$") if wild else None
+        cached = _fm_tables[id(domains)] = (domains, plain, wild_re, set(ctx.lists.get("freemail_welcomelist", ())))
+    return cached[1:]
+
+
+def _is_freemail(ctx, email: str) -> bool:
+    table = _freemail_table(ctx)
+    if table is None or not email:
+        return False
+    plain, wild_re, welcome = table
+    domain = email.rpartition("@")[2]
+    if email in welcome or domain in welcome or _FM_WELCOME.search(email):
+        return False
+    return domain in plain or bool(wild_re is not None and wild_re.search(email))
+
+
+def _addrs(ctx, name: str) -> list[str]:
+    return [a.decode("utf-8", "surrogateescape").lower() for a in ctx.view.header_addresses(name)]
+
+
+def _all_from_addrs(ctx) -> list[str]:
+    """PerMsgStatus::all_from_addrs: Resent-From (first) when present, else
+    the From-like headers and the envelope sender; runs of dots squeezed."""
+    resent = _addrs(ctx, "Resent-From")[:1]
+    if resent:
+        addrs = resent
+    else:
+        addrs = (_addrs(ctx, "From") + _addrs(ctx, "Envelope-Sender") + _addrs(ctx, "Resent-Sender")
+                 + _addrs(ctx, "X-Envelope-From") + [ctx.view.envelope_sender.lower()])
+        addrs = [re.sub(r"\.{2,}", ".", a) for a in addrs if a]
+    return list(dict.fromkeys(addrs))
+
+
+def _fm_regex(args) -> Optional[re.Pattern]:
+    return _compiled(args[0]) if args and args[0] else None
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern:
+    return compile_perl(pattern)
+
+
+def _freemail_from(ctx, args):
+    if _freemail_table(ctx) is None:
+        return 0
+    rx = _fm_regex(args)
+    return 1 if any(_is_freemail(ctx, a) and (rx is None or rx.search(a.encode("utf-8", "surrogateescape")))
+                    for a in _all_from_addrs(ctx)) else 0
+
+
+def _freemail_header(ctx, args):
+    if _freemail_table(ctx) is None:
+        return 0
+    rx = _fm_regex(args[1:])
+    return 1 if any(_is_freemail(ctx, a) and (rx is None or rx.search(a.encode("utf-8", "surrogateescape")))
+                    for a in _addrs(ctx, args[0].split(":", 1)[0])) else 0
+
+
+def _freemail_body_emails(ctx) -> Optional[set]:
+    """FreeMail.pm _parse_body: freemail addresses in mailto links and the
+    body text; None when there are too many addresses to judge."""
+    key = "freemail_body"
+    if key in ctx.cache:
+        return ctx.cache[key]
+    found: dict[str, None] = {}
+    html = ctx.view.html
+    for link in (html.links if html is not None else ()):
+        m = re.match(r"(?i)mailto:" + _FM_EMAIL, link)
+        if m and len(found) < 20:
+            found.setdefault(m.group(1).lower())
+    for para in ctx.view.paragraphs:
+        text = para.decode("utf-8", "replace")
+        text = _FM_LABELLED.sub(" ", _FM_URL_AT.sub(" ", text))
+        for m in _FM_EMAIL_RE.finditer(text):
+            found.setdefault(m.group(1).lower())
+            if len(found) >= 40:
+                break
+        if len(found) >= 40:
+            break
+    out: Optional[set] = set()
+    count_all = count_fm = 0
+    for email in found:
+        count_all += 1
+        if count_all == _FM_MAX_BODY_EMAILS:  # freemail_skip_when_over_max
+            out = None
+            break
+        if not _is_freemail(ctx, email):
+            continue
+        count_fm += 1
+        if count_fm == _FM_MAX_BODY_FREEMAILS:
+            out = None
+            break
+        out.add(email)
+    ctx.cache[key] = out
+    return out
+
+
+def _freemail_body(ctx, args):
+    if _freemail_table(ctx) is None:
+        return 0
+    body = _freemail_body_emails(ctx)
+    if not body:
+        return 0
+    rx = _fm_regex(args)
+    return 1 if rx is None or any(rx.search(e.encode("utf-8", "surrogateescape")) for e in body) else 0
+
+
+def _freemail_replyto(ctx, args):
+    if _freemail_table(ctx) is None:
+        return 0
+    what = args[0] if args else "replyto"
+    env = ctx.view.envelope_sender
+    if env and _FM_BULK_ENVFROM.search(env):
+        return 0
+    froms, replytos = _addrs(ctx, "From"), _addrs(ctx, "Reply-To")
+    from_fm = any(_is_freemail(ctx, a) for a in froms)
+    reply_fm = any(_is_freemail(ctx, a) for a in replytos)
+    if from_fm and reply_fm and not any(f in replytos for f in froms):
+        return 1
+    if what == "replyto" and not reply_fm:
+        return 0
+    if what == "reply" and ((replytos and not reply_fm) or (not replytos and not from_fm)):
+        return 0
+    body = _freemail_body_emails(ctx)
+    if not body:
+        return 0
+    reply = replytos if what == "replyto" or reply_fm else froms
+    return 1 if any(b != r for b in body for r in reply) else 0
+
+
+def _freemail_replyto_check(args):
+    if args and args[0] not in ("replyto", "reply"):
+        return f"unknown option {args[0]!r}"
+    return None
+
+
+def _second_level(address: str) -> str:
+    m = re.search(r"@([^@]*)\Z", address)
+    domain = m.group(1) if m else ""
+    return re.sub(r"^.+\.([^.]+\.[^.]+)$", r"\1", domain, flags=re.S)
+
+
+def _equal_from_domains(ctx, args):
+    """HeaderEval::check_equal_from_domains: From's and the envelope
+    sender's last two labels differ (a scalar get: the first address)."""
+    v = ctx.view
+    from_addr = v.header("From", "addr")
+    env = v.header("EnvelopeFrom", "addr")
+    fd = _second_level(from_addr.decode("utf-8", "surrogateescape").split("\n")[0]) if from_addr else ""
+    ed = _second_level(env.decode("utf-8", "surrogateescape").split("\n")[0]) if env else ""
+    if not fd or not ed:
+        return 0
+    return 1 if fd.lower() != ed.lower() else 0
+
+
 _H = ("header",)
 _B = ("body", "rawbody", "full")
 EVALS: dict[str, Eval] = {
@@ -1388,6 +1859,11 @@ EVALS: dict[str, Eval] = {
     "check_relays_unparseable": Eval(_H, _relays_unparseable),
     "helo_ip_mismatch": Eval(_H, _helo_ip_mismatch),
     "check_for_no_rdns_dotcom_helo": Eval(_H, _no_rdns_dotcom_helo),
+    "check_for_numeric_helo": Eval(_H, _numeric_helo),
+    "check_for_sender_no_reverse": Eval(_H, _sender_no_reverse),
+    "check_for_from_domain_in_received_headers": Eval(_H, _from_domain_in_received, _from_domain_check),
+    "check_for_forged_received_trail": Eval(_H, _forged_received_trail),
+    "check_for_forged_received_ip_helo": Eval(_H, _forged_received_ip_helo),
     "gated_through_received_hdr_remover": Eval(_H, _gated_through_received_hdr_remover),
     "check_for_fake_aol_relay_in_rcvd": Eval(_H, _fake_aol_relay),
     "check_for_forged_hotmail_received_headers": Eval(_H, _forged_hotmail),
@@ -1422,4 +1898,16 @@ EVALS: dict[str, Eval] = {
     "check_uri_host_in_welcomelist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("WELCOME",))),
     "check_uri_host_in_whitelist": Eval(_H + _B, lambda ctx, a: _uri_host_listed(ctx, ("WELCOME",))),
     "tvd_vertical_words": Eval(_B, _vertical_words, _range2_check),
+    "check_freemail_from": Eval(_H, _freemail_from, lambda a: (_fm_regex(a), None)[1]),
+    "check_freemail_header": Eval(_H, _freemail_header,
+                                  lambda a: "needs a header name" if not a else (_fm_regex(a[1:]), None)[1]),
+    "check_freemail_body": Eval(_H, _freemail_body, lambda a: (_fm_regex(a), None)[1]),
+    "check_freemail_replyto": Eval(_H, _freemail_replyto, _freemail_replyto_check),
+    "check_equal_from_domains": Eval(_H, _equal_from_domains),
+    "check_stock_info": Eval(_B, _stock_info, lambda a: (int(float(a[0])) if a else 0, None)[1]),
+    "check_dns_sender": Eval(_H, _dns_sender),
+    "have_any_bounce_relays": Eval(_B, _have_any_bounce_relays),
+    "check_welcomelist_bounce_relays": Eval(_B, _welcomelist_bounce_relays),
+    "check_whitelist_bounce_relays": Eval(_B, _welcomelist_bounce_relays),
+    "check_for_ascii_text_illegal": Eval(_B, lambda ctx, a: 1 if ctx.view.mime_scan["ascii_text_illegal"] else 0),
 }

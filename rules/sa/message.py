@@ -30,13 +30,17 @@ from rules.sa import uris as uri_mod
 MAX_PART = 512 * 1024  # text parts larger than this are cut (rules scan a prefix)
 MAX_PARTS = 200
 
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
+# Node.pm unfolds a header as s/\n[ \t]+/ /: the fold and the white space after it are one space
+_FOLD = re.compile(r"\r?\n[ \t]+")
 _WS = re.compile(r"[ \t\n\r\x0b\xa0]+")
 _PARA = re.compile(r"\n[ \t\r\x0b\xa0]*\n+")
 _HTML_WS = re.compile(r"[ \t\r\n\f]+")
 _HAS_WORD = re.compile(r"\w")
 _QP_EXCESS = re.compile(r"=(?:09|3[0-9ABCEF]|[2456][0-9A-F]|7[0-9A-E])")
 _QP_TRAILING = re.compile(r"((?:=09|=20)+)[^\S\n]*$", re.M)
+# NUL, a CR outside CRLF, or any byte past 0x7f: in a str payload 8-bit
+# bytes show as surrogate escapes or U+FFFD, so "not ASCII" is any char past 0x7f
+_NOT_ASCII_TEXT = re.compile("[^\x01-\x0c\x0e-\x7f]")
 _QP_LONG_LINE = re.compile(r"^(?:[^\n]{80}|[^\n]{79}\n)", re.M)
 
 # HTML elements a browser knows; anything else counts as a "bad" tag
@@ -244,7 +248,9 @@ class HtmlRender(HTMLParser):
         self._pre = 0
         self.embeds = False
         self.form_action_mailto = False
-        self.balance: dict[str, int] = {}  # open minus close tags, per tag (html_tag_balance)
+        # open minus close tags per tag, never below 0 (HTML.pm {inside}), per HTML
+        # part: end_part moves it into the part's statistics (html_tag_balance)
+        self.balance: dict[str, int] = {}
         # what SpamAssassin's HTML.pm counts, per HTML part (html_all): start and
         # end tags, words split by a tag (obfuscation), titles, iframes, invisible text
         self.part_stats: list[dict] = []
@@ -264,6 +270,8 @@ class HtmlRender(HTMLParser):
         st = self._stats
         st["text_span"] = (text_start, len(self.text))
         st["img"] = self.tags.get("img", 0) - img_before
+        st["balance"] = self.balance
+        self.balance = {}
         self.part_stats.append(st)
         self._stats = self._new_stats()
         self._last_chunk = None
@@ -439,7 +447,7 @@ class HtmlRender(HTMLParser):
             self._open[tag] -= 1
 
     def handle_endtag(self, tag):
-        self.balance[tag] = self.balance.get(tag, 0) - 1
+        self.balance[tag] = max(0, self.balance.get(tag, 0) - 1)  # an extra close is closed_extra
         self._sa_tag(tag, None, False)
         if self._open.get(tag, 0) > 0:
             self._open[tag] -= 1
@@ -484,7 +492,7 @@ def _int(v) -> int:
 
 def decode_header(value: str) -> str:
     """RFC 2047 words decoded; undecodable bytes kept as they were."""
-    value = _FOLD.sub("", value)
+    value = _FOLD.sub(" ", value)
     if "=?" not in value:
         return value
     try:
@@ -581,17 +589,59 @@ class MessageView:
     """The message as the rules see it; every view is computed on first use."""
 
     def __init__(self, raw: bytes, parsed=None, envelope_sender: str = "", recipients=(),
-                 relays: Optional[dict[str, bytes]] = None, relay: Optional[dict] = None):
+                 relays: Optional[dict[str, bytes]] = None, relay: Optional[dict] = None, chain=None):
         self.raw = raw
         self._parsed = parsed
         self.envelope_sender = envelope_sender
         self.recipients = list(recipients)
-        self.relays = relays or {}
-        # the hop we saw (ip, rdns, helo, trusted, auth); None when judging a file
-        self.relay = relay
+        # the Received chain (rules.sa.received.RelayChain); without one it is read
+        # from the message as SpamAssassin reads a file (or, given ``relay``, a
+        # chain of that one hop: ip, rdns, helo, trusted, auth)
+        if chain is None and relay is not None:
+            chain = _one_hop(relay)
+        self._chain = chain
+        self._relays = relays
         self._mime_cache: dict = {}
         self._header_cache: dict[tuple[str, str], Optional[bytes]] = {}
         self._addr_cache: dict[str, list[bytes]] = {}
+
+    # --- the Received chain (Received.pm) ------------------------------------------
+
+    @cached_property
+    def chain(self):
+        if self._chain is None:
+            from rules.sa.received import parse_message
+
+            self._chain = parse_message(self.raw)
+        return self._chain
+
+    @cached_property
+    def relays(self) -> dict[str, bytes]:
+        """The X-Spam-Relays-* pseudo-headers (lower-case names)."""
+        return self._relays if self._relays is not None else self.chain.pseudo_headers()
+
+    @cached_property
+    def relay(self) -> Optional[dict]:
+        """The first untrusted relay (the hop that brought the message in), else
+        the oldest trusted one; None without relays."""
+        c = self.chain
+        r = c.untrusted[0] if c.untrusted else (c.trusted[-1] if c.trusted else None)
+        return r.as_dict() if r is not None else None
+
+    def headers_in_rcvd_range(self, start: Optional[int], end: Optional[int], raw: bool) -> str:
+        """PerMsgStatus::get_all_hdrs_in_rcvd_index_range (both ends included)."""
+        if end is not None and end < 0:
+            return ""
+        out, index = [], -1
+        for k, v in self._headers:
+            if k.lower() == "received":
+                index += 1
+            if (start is None or start <= index) and (end is None or index < end):
+                out.append(f"{k}: {v if raw else decode_header(v)}\n")
+            elif end is not None and index == end:
+                out.append(f"{k}: {v if raw else decode_header(v)}\n")
+                break
+        return "".join(out)
 
     @cached_property
     def parsed(self):
@@ -616,13 +666,25 @@ class MessageView:
         key = name.lower()
         # pseudo-headers are matched case-sensitively, as SpamAssassin does:
         # "exists:MessageID" asks for a (malformed) real header of that name
-        if name in ("ALL", "ALL-TRUSTED", "ALL-UNTRUSTED", "ALL-INTERNAL", "ALL-EXTERNAL"):
+        if name == "ALL":
             text = "".join(f"{k}: {v if raw else decode_header(v)}\n" for k, v in self._headers)
+            return [text] if text else []
+        if name in ("ALL-TRUSTED", "ALL-UNTRUSTED", "ALL-INTERNAL", "ALL-EXTERNAL"):
+            # the headers added by the trusted (internal) relays, or the rest; the
+            # Received header of the boundary hop counts on both sides, as in SpamAssassin
+            c = self.chain
+            trust_side = name in ("ALL-TRUSTED", "ALL-UNTRUSTED")
+            last = c.last_trusted_relay_index if trust_side else c.last_internal_relay_index
+            if name in ("ALL-TRUSTED", "ALL-INTERNAL"):
+                text = self.headers_in_rcvd_range(None, last + 1, raw)
+            else:
+                text = self.headers_in_rcvd_range(last + 1, None, raw)
             return [text] if text else []
         if name == "ToCc":
             return self.header_values("To", raw) + self.header_values("Cc", raw)
         if name == "EnvelopeFrom":
-            return [self.envelope_sender] if self.envelope_sender else []
+            env = self.envelope_from
+            return [env] if env else []
         if name == "MESSAGEID":
             return (self.header_values("Message-Id", raw) + self.header_values("Resent-Message-Id", raw)
                     + self.header_values("X-Message-Id", raw))
@@ -631,6 +693,38 @@ class MessageView:
             return [value.decode("utf-8", "replace")] if value else []
         vals = self._by_name.get(key, [])
         return vals if raw else [decode_header(v) for v in vals]
+
+    @cached_property
+    def envelope_from(self) -> str:
+        """SpamAssassin's EnvelopeFrom (PerMsgStatus::get_envelope_from): the
+        envelope sender we were given (the SMTP MAIL FROM), else the one the
+        last untrusted relay recorded, else the headers a delivery agent
+        writes, each only where no relay could have forged it."""
+        if self.envelope_sender:
+            return self.envelope_sender
+        relay = self.relay or {}
+        envf = relay.get("envfrom") or ""
+        if "@" in envf[1:]:
+            return envf
+        x_sender = self._first_addr("X-Sender")
+        if "@" in x_sender and any("(fetchmail" in v for v in self.header_values("Received", raw=True)):
+            return ""  # fetchmail rewrote the envelope: nothing to trust
+        names = [k.lower() for k, _ in self._headers]
+        for header in ("x-envelope-from", "envelope-sender", "return-path"):
+            if header not in names:
+                continue
+            last = len(names) - 1 - names[::-1].index(header)
+            # one below a Received line was there before the last hop: forgeable
+            if "received" in names[:last]:
+                if header == "x-envelope-from":
+                    return ""
+                continue
+            return self._first_addr(header)
+        return ""
+
+    def _first_addr(self, name: str) -> str:
+        value = self.header(name, "first,addr")
+        return value.decode("utf-8", "surrogateescape").split("\n")[0] if value else ""
 
     def header(self, name: str, modifier: str = "") -> Optional[bytes]:
         """The bytes a header rule matches, or None when the header is absent."""
@@ -746,6 +840,7 @@ class MessageView:
                 pass
             r.end_part(start, imgs)
             r.part_stats[-1]["part"] = part
+            r.part_stats[-1]["length"] = len(t)  # HTML.pm {length}: the part's HTML source
         r.raw_length = sum(len(t) for t, _ in htmls)
         return r
 
@@ -855,7 +950,7 @@ class MessageView:
         st = {"body_html_count": 0, "body_text_count": 0, "base64_count": 0, "qp_count": 0, "attachment": 0,
               "base64_encoded_text": False, "bad_iso_charset": False, "multipart_alternative": False,
               "multipart_ratio": 1.0, "qp_long_line": False, "html_charsets": [], "base64_length": 0,
-              "ma_non_text": False, "mimepart_limit_exceeded": False}
+              "ma_non_text": False, "mimepart_limit_exceeded": False, "ascii_text_illegal": 0}
         part_bytes: list[Optional[int]] = []
         part_type: list[str] = []
         qp_bytes = qp_excess = 0
@@ -915,6 +1010,10 @@ class MessageView:
                     # encoded characters that need no encoding, less white space encoded at line ends
                     qp_excess += len(_QP_EXCESS.findall(body))
                     qp_excess -= sum(len(t) // 3 for t in _QP_TRAILING.findall(body))
+            # text/plain claiming US-ASCII (or no charset) may hold only 7-bit
+            # characters, no NUL and no CR outside CRLF (check_for_ascii_text_illegal)
+            if ctype == "text/plain" and charset in ("", "us-ascii") and _NOT_ASCII_TEXT.search(body):
+                st["ascii_text_illegal"] += 1
             if cte == "base64" and ctype != "application/ics" and body:
                 st["base64_length"] = max(st["base64_length"], max(map(len, body.splitlines(keepends=True))))
         if qp_bytes:
@@ -1015,6 +1114,20 @@ class MessageView:
     @cached_property
     def has_header_body_separator(self) -> bool:
         return b"\n\n" in self.raw or b"\r\n\r\n" in self.raw
+
+
+def _one_hop(relay: dict):
+    """A chain of the one hop a caller knows (tests, tools): ip, rdns, helo, trusted, auth."""
+    from rules.sa.received import Relay, RelayChain, is_private
+
+    r = Relay(ip=relay.get("ip", ""), rdns=relay.get("rdns", ""), helo=relay.get("helo", ""),
+              by=relay.get("by", ""), auth=relay.get("auth", ""), trusted=bool(relay.get("trusted")), index=0)
+    r.ip_private = is_private(r.ip)
+    r.no_reverse_dns = not r.rdns
+    r.internal = 1 if r.trusted else 0
+    if r.trusted:
+        return RelayChain(trusted=[r], internal=[r], last_trusted_relay_index=0, last_internal_relay_index=0)
+    return RelayChain(untrusted=[r], external=[r])
 
 
 def html_text(r: HtmlRender) -> str:

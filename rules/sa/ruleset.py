@@ -38,6 +38,8 @@ PLUGINS = {
     "Mail::SpamAssassin::Plugin::DNSEval",
     "Mail::SpamAssassin::Plugin::RelayEval",
     "Mail::SpamAssassin::Plugin::Check",
+    "Mail::SpamAssassin::Plugin::FreeMail",
+    "Mail::SpamAssassin::Plugin::VBounce",
 }
 # ``if can(...)`` features: true for what this engine does
 FEATURES = {
@@ -48,6 +50,8 @@ FEATURES = {
     "Mail::SpamAssassin::Conf::feature_yesno_takes_args",
     "Mail::SpamAssassin::Conf::feature_edns",
     "Mail::SpamAssassin::Plugin::BodyEval::has_check_body_length",
+    "Mail::SpamAssassin::Plugin::MIMEEval::has_check_for_ascii_text_illegal",
+    "Mail::SpamAssassin::Conf::feature_originating_ip_headers",  # rules/sa/received.py
 }
 
 REGEX_KINDS = ("header", "body", "rawbody", "full", "uri", "mimeheader")
@@ -75,8 +79,7 @@ _IGNORED = {
     "bayes_auto_learn", "bayes_auto_learn_threshold_spam", "bayes_auto_learn_threshold_nonspam",
     "uridnsbl", "urirhsbl", "urirhssub", "uridnssub", "askdns", "check_rbl_from_domain",
     "rbl_timeout", "envelope_sender_header", "dns_server", "dns_available", "dns_options",
-    "util_rb_tld", "describe_html", "shortcircuit", "score_set", "whitelist_bounce_relays",
-    "welcomelist_bounce_relays", "unwhitelist_from", "unwelcomelist_from",
+    "util_rb_tld", "describe_html", "shortcircuit", "score_set", "unwhitelist_from", "unwelcomelist_from",
     "unblacklist_from", "unblocklist_from",
 }
 _BAYES_STOPWORDS = re.compile(r"^bayes_stopword_")
@@ -303,10 +306,25 @@ class Parser:
             if m:
                 rs.lists.setdefault("list:" + m.group(1).lower(), []).extend(
                     a.lower() for a in m.group(2).split())
+        elif word == "originating_ip_headers":  # Received.pm appends their addresses to the chain
+            names = rs.lists.setdefault("originating_ip_headers", [])
+            names += [n for n in rest.split() if n.lower() not in {x.lower() for x in names}]
+        elif word == "clear_originating_ip_headers":
+            rs.lists["originating_ip_headers"] = []
         elif word == "ok_locales":
             rs.lists["ok_locales"] = rest.split()  # a setting: the last line wins
         elif word in _URI_HOST_LISTS:
             self.uri_host_list(word, rest, where)
+        elif word in ("freemail_domains", "freemail_whitelist", "freemail_welcomelist"):
+            # FreeMail.pm parse_config: domains (with * and ? globs), and the
+            # addresses or domains never counted as freemail
+            key = "freemail_domains" if word == "freemail_domains" else "freemail_welcomelist"
+            rs.lists.setdefault(key, []).extend(a.lower() for a in rest.split())
+        elif word in ("whitelist_bounce_relays", "welcomelist_bounce_relays"):
+            # VBounce.pm: the site's own relays, globs as in whitelist_from
+            rs.lists.setdefault("bounce_relays", []).extend(a.lower() for a in rest.split())
+        elif word in ("util_rb_tld", "util_rb_2tld", "util_rb_3tld"):
+            rs.lists.setdefault(word, []).extend(a.lower() for a in rest.split())
         elif word in _IGNORED or _BAYES_STOPWORDS.match(word) or word.startswith(("replace_", "report_")):
             rs.ignored_directives += 1
         else:
@@ -501,21 +519,16 @@ def finish(rs: RuleSet) -> RuleSet:
 
 
 def _drop_undefined_dependencies(rs: RuleSet) -> None:
-    """SpamAssassin disables a meta rule that names a rule defined nowhere
-    (a plugin's rule that is not loaded, a rule from a missing file), and
-    so, in turn, the metas that need it.  A rule we skipped still counts as
-    defined: it simply never hits."""
-    changed = True
-    while changed:
-        changed = False
-        for name, rule in list(rs.rules.items()):
-            if rule.kind != "meta":
-                continue
-            missing = [d for d in meta_names(rule.meta) if d not in rs.rules and d not in rs.skipped]
-            if missing:
-                del rs.rules[name]
-                rs.disabled[name] = f"{rule.source}: meta {name} needs undefined {', '.join(missing[:3])}"
-                changed = True
+    """Lists the meta rules that name a rule defined nowhere (a plugin's
+    rule that is not loaded, a rule from a missing file).  SpamAssassin 4
+    keeps them: the undefined name reads as 0 (Check.pm do_meta_tests sets
+    ``$h->{$deprule} ||= 0``), so ``A && !__UNDEFINED`` can still hit."""
+    for name, rule in rs.rules.items():
+        if rule.kind != "meta":
+            continue
+        missing = [d for d in meta_names(rule.meta) if d not in rs.rules and d not in rs.skipped]
+        if missing:
+            rs.disabled[name] = f"{rule.source}: meta {name} names undefined {', '.join(missing[:3])} (read as 0)"
 
 
 _META_TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|(\d+(?:\.\d+)?)|(&&|\|\||==|!=|>=|<=|[-+*/<>()!]))")

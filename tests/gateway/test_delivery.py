@@ -252,7 +252,7 @@ def test_silent_server_times_out_and_is_deferred(reactor, run):
 def test_starttls_used_when_offered(reactor, run):
     with Sink(tls=True) as s:
         (o,) = run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver("Q11", "a@s.test", ["b@x.test"], MESSAGE))
-        assert o.status == SENT
+        assert o.status == SENT and o.tls is True  # the outcome says so: DeliveryAttempted tells it
         assert s.messages[0].tls is True
         assert s.messages[0].data == MESSAGE
         assert s.helos == [HOSTNAME, HOSTNAME]  # EHLO again after STARTTLS
@@ -261,7 +261,8 @@ def test_starttls_used_when_offered(reactor, run):
 def test_no_starttls_when_disabled_or_not_offered(reactor, run, sink):
     with Sink(tls=True) as s:
         d = deliverer(reactor, {"*": f"smtp:{s.address}"}, tls_client_context_factory=False)
-        assert run(d.deliver("Q12", "a@s.test", ["b@x.test"], MESSAGE))[0].status == SENT
+        (o,) = run(d.deliver("Q12", "a@s.test", ["b@x.test"], MESSAGE))
+        assert o.status == SENT and o.tls is False
         assert s.messages[0].tls is False
     assert run(deliverer(reactor, {"*": f"smtp:{sink.address}"}).deliver(
         "Q13", "a@s.test", ["b@x.test"], MESSAGE))[0].status == SENT
@@ -313,18 +314,50 @@ def test_ipv6_literal_route(reactor, run):
         s.stop()
 
 
-def test_log_line_per_recipient(reactor, run, caplog):
-    with Sink(known_users={"ok@x.test"}) as s, caplog.at_level(logging.INFO, logger="mailgate.delivery"):
-        run(deliverer(reactor, {"*": f"smtp:{s.address}"}).deliver(
-            "QLOG", "a@s.test", ["ok@x.test", "no@x.test"], MESSAGE))
-    lines = [r.getMessage() for r in caplog.records if r.name == "mailgate.delivery" and " to=" in r.getMessage()]
-    assert len(lines) == 2
+def test_each_attempt_is_told_as_an_event_and_logged_as_admins_grep_it(reactor, run, caplog, tmp_path):
+    """The queue manager over a real Deliverer and a real downstream: the
+    attempt is one DeliveryAttempted (the host, per-recipient code and text,
+    TLS, delay), the refused recipient's bounce is one Bounced (suppressed:
+    the null sender), and the log subscriber writes the familiar lines."""
+    from twisted.internet import defer
+
+    from gateway.config import QueueSettings
+    from gateway.events import Bounced, DeliveryAttempted, EventSink, LogLine
+    from gateway.queue import QueueManager
+    from gateway.spool import QueueEntry, RecipientState, Spool
+
+    events, done = [], defer.Deferred()
+
+    def collect(event):
+        events.append(event)
+        if isinstance(event, Bounced) and not done.called:
+            done.callback(None)
+
+    with Sink(tls=True, known_users={"ok@x.test"}) as s, caplog.at_level(logging.INFO, logger="mailgate"):
+        q = QueueManager(Spool(str(tmp_path)), deliverer(reactor, {"*": f"smtp:{s.address}"}), reactor,
+                         lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw), QueueSettings(), HOSTNAME,
+                         events=EventSink([collect, LogLine()]))
+        arrival = time.time() - 5
+        q.enqueue(QueueEntry("QLOG", "", [RecipientState("ok@x.test"), RecipientState("no@x.test")], arrival),
+                  MESSAGE)
+        run(done)
+        run(q.stop())
+    (attempt,) = [e for e in events if isinstance(e, DeliveryAttempted)]
+    assert attempt.queue_id == "QLOG" and attempt.next_hop == f"127.0.0.1[127.0.0.1]:{s.port}"
+    assert attempt.tls is True and attempt.route == f"smtp:[127.0.0.1]:{s.port}" and 5 <= attempt.delay < 60
+    by_rcpt = {o.recipient: o for o in attempt.outcomes}
+    assert (by_rcpt["ok@x.test"].status, by_rcpt["ok@x.test"].code) == (SENT, 250)
+    assert (by_rcpt["no@x.test"].status, by_rcpt["no@x.test"].code) == (FAILED, 550)
+    assert "User unknown" in by_rcpt["no@x.test"].reply
+    (bounced,) = [e for e in events if isinstance(e, Bounced)]
+    assert bounced.recipients == ("no@x.test",) and bounced.bounce_id == ""  # no DSN to the null sender
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailgate.delivery"]
     sent = next(line for line in lines if "to=ok@x.test" in line)
-    bounced = next(line for line in lines if "to=no@x.test" in line)
-    assert sent.startswith("queue_id=QLOG to=ok@x.test ")
-    assert f"relay=127.0.0.1[127.0.0.1]:{s.port}" in sent and "status=sent code=250" in sent
-    assert " delay=" in sent
-    assert "status=bounced code=550" in bounced and 'reply="5.1.1 <no@x.test>' in bounced
+    refused = next(line for line in lines if "to=no@x.test" in line)
+    assert sent.startswith(f"queue_id=QLOG to=ok@x.test relay=127.0.0.1[127.0.0.1]:{s.port} status=sent code=250 ")
+    assert sent.endswith(" tls=yes") and " delay=" in sent
+    assert "status=bounced code=550" in refused and 'reply="5.1.1 <no@x.test>' in refused
+    assert "queue_id=QLOG bounce=suppressed sender=<>" in caplog.text
 
 
 # -- MX routing (fake resolver object) -----------------------------------------------

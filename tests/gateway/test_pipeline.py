@@ -165,3 +165,61 @@ def test_a_pool_past_the_stage_deadline_makes_its_checks_late():
     assert out == [Failed("slow", "no answer within 2s", severity="tempfail")]
     threads.run_all()  # the thread finishing later changes nothing
     assert len(out) == 1 and not clock.getDelayedCalls()
+
+
+# --- what each check cost (StageJudged's timings) -------------------------------------
+
+
+class Ticks:
+    """A timer that moves only when told: each check's cost is known exactly."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Costs(Check):
+    """A blocking check that costs ``seconds`` on the test's timer."""
+
+    stage, blocking = Stage.DATA, True
+
+    def __init__(self, name, ticks, seconds):
+        self.name, self.ticks, self.seconds = name, ticks, seconds
+
+    def check(self, txn):
+        self.ticks.now += self.seconds
+        return [Result(self.name.upper(), 1.0)]
+
+
+def test_each_check_is_timed_inline_from_start_to_answer_and_blocking_inside_the_trip():
+    from gateway.events import CheckTiming
+    from gateway.records import Message
+    from tests.gateway.test_auth import HeldThreads
+
+    ticks, threads = Ticks(), HeldThreads()
+    answer = defer.Deferred()
+    pipeline = Pipeline([Costs("rules", ticks, 0.25), Fixed("dns", answer), Costs("bayes", ticks, 0.5)],
+                        run_in_thread=threads, timer=ticks)
+    out = []
+    txn = Transaction(Session("Q", "192.0.2.1"), message=Message(b"Subject: x\r\n\r\nbody\r\n"))
+    pipeline.run_timed(Stage.DATA, txn).addCallback(out.append)
+    ticks.now += 3.0  # the pool is busy for 3 s before the trip starts: charged to no check
+    threads.run_all()
+    ticks.now += 1.0
+    answer.callback([Result("DNS", 0.1)])
+    (run,) = out
+    assert [r.symbol for r in run.records] == ["RULES", "DNS", "BAYES"]
+    assert run.timings == (CheckTiming("rules", 0.25), CheckTiming("dns", 4.75), CheckTiming("bayes", 0.5))
+    assert run.seconds == 4.75
+
+
+def test_a_late_check_is_charged_the_wait_until_the_deadline():
+    ticks, clock = Ticks(), task.Clock()
+    pipeline = Pipeline([Hung()], {Stage.MAIL: 5.0}, clock, timer=ticks)
+    out = []
+    pipeline.run_timed(Stage.MAIL, Transaction(Session("Q", "192.0.2.1"))).addCallback(out.append)
+    ticks.now += 5.0
+    clock.advance(5.0)
+    assert [(t.check, t.seconds) for t in out[0].timings] == [("hung", 5.0)] and out[0].seconds == 5.0

@@ -18,6 +18,7 @@ class Outcome:
     reply: str
     relay: str = "mx.example.test[192.0.2.1]:25"
     remote: bool = True  # a server said it (False: could not connect)
+    tls: bool = False
 
 
 def by_domain(recipient):
@@ -44,11 +45,12 @@ def sync(f, *a, **kw):
     return defer.maybeDeferred(f, *a, **kw)
 
 
-def manager(tmp_path, deliverer, **settings):
+def manager(tmp_path, deliverer, events=None, **settings):
     clock = task.Clock()
     clock.advance(1000)
     q = QueueManager(Spool(str(tmp_path)), deliverer, clock, sync,
-                     QueueSettings(retry_min=60, retry_max=240, lifetime=1000, **settings), "mx.example.test")
+                     QueueSettings(retry_min=60, retry_max=240, lifetime=1000, **settings), "mx.example.test",
+                     events=events)
     return q, clock
 
 
@@ -390,3 +392,74 @@ def test_the_sweep_leaves_scheduled_and_running_attempts_alone(tmp_path):
     assert len(d.calls) == 2
     clock.advance(1)
     assert len(d.calls) == 3  # b.test's retry, once
+
+
+# --- what the queue tells (gateway.events): the one writer of delivery facts -----------
+
+
+def collecting():
+    from gateway.events import EventSink
+
+    got = []
+    return got, EventSink([got.append])
+
+
+def of(events, kind):
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_an_attempt_and_its_deferral_are_told_then_the_delivery(tmp_path):
+    from gateway.events import Deferred, DeliveryAttempted, RecipientOutcome
+
+    events, sink = collecting()
+    d = ScriptedDeliverer("deferred", "sent")
+    q, clock = manager(tmp_path, d, events=sink)
+    e = entry(clock)
+    e.arrival -= 5  # it arrived 5 s before this attempt
+    q.enqueue(e, b"msg")
+    clock.advance(0)
+    (attempt,) = of(events, DeliveryAttempted)
+    assert (attempt.queue_id, attempt.next_hop, attempt.route, attempt.tls) == (
+        "Q1a", "mx.example.test[192.0.2.1]:25", "example.test", False)
+    assert attempt.outcomes == (RecipientOutcome("bob@example.test", "deferred", 451, "451 reply"),)
+    assert attempt.ts == 1000 and attempt.delay == 5
+    (deferred,) = of(events, Deferred)
+    assert (deferred.recipients, deferred.next_try, deferred.attempts, deferred.reason) == (
+        ("bob@example.test",), 1060, 1, "451 reply")
+    clock.advance(60)
+    assert [a.outcomes[0].status for a in of(events, DeliveryAttempted)] == ["deferred", "sent"]
+    assert len(of(events, Deferred)) == 1 and of(events, DeliveryAttempted)[1].delay == 65
+
+
+def test_a_bounce_is_told_with_its_dsn_id_once_spooled_and_a_suppressed_one_without(tmp_path):
+    from gateway.events import Bounced
+
+    events, sink = collecting()
+    d = ScriptedDeliverer("failed", "sent", "failed")
+    q, clock = manager(tmp_path, d, events=sink)
+    q.enqueue(entry(clock), b"Subject: x\r\n\r\nx\r\n")
+    clock.advance(0)
+    (bounced,) = of(events, Bounced)
+    assert (bounced.queue_id, bounced.recipients, bounced.reason, bounced.sender) == (
+        "Q1a", ("bob@example.test",), "550 reply", "alice@sender.test")
+    dsn_call = d.calls[1]
+    assert bounced.bounce_id and dsn_call[0] == bounced.bounce_id  # the DSN that went out is the one named
+    q.enqueue(entry(clock, sender=""), b"x")
+    clock.advance(0)
+    suppressed = of(events, Bounced)[1]
+    assert (suppressed.queue_id, suppressed.bounce_id, suppressed.sender) == ("Q1N", "", "")
+
+
+def test_a_dead_next_hop_is_an_attempt_that_tried_nothing(tmp_path):
+    from gateway.events import DeliveryAttempted
+
+    events, sink = collecting()
+    d = Answerable()
+    q, clock = manager(tmp_path, d, events=sink, destination_dead_after=3, destination_dead_time=30)
+    queued(q, clock, 3, "hung.test")
+    d.answer("hung.test", *REFUSED)
+    queued(q, clock, 1, "hung.test", first=3)
+    skipped = [a for a in of(events, DeliveryAttempted) if a.queue_id == "QH003"]
+    (attempt,) = skipped
+    assert (attempt.next_hop, attempt.route) == ("none", "hung.test")
+    assert attempt.outcomes[0].reply.startswith("4.4.1 delivery to hung.test suspended")

@@ -223,6 +223,46 @@ def test_score_command_prints_json_per_message(tmp_path):
     assert rows["ham.eml"]["action"] == "accept" and rows["ham.eml"]["score"] < 5
 
 
+def test_score_takes_the_session_from_the_received_chain(tmp_path):
+    """`score` judges a file as if our gateway had been the hop that took it in from
+    the Internet: ALL_TRUSTED never fires on Internet mail, the relay rules see that hop."""
+    from tests.rules.test_sender_auth import only_checks
+
+    rules = tmp_path / "cf"  # not "rules": the command runs here, and would import it as our package
+    rules.mkdir()
+    (rules / "relay.cf").write_text(
+        "header ALL_TRUSTED eval:check_all_trusted()\ntflags ALL_TRUSTED nice\nscore ALL_TRUSTED -1.0\n"
+        "header T_RDNS_NONE X-Spam-Relays-External =~ /^[^\\]]+ rdns= /\nscore T_RDNS_NONE 0.7\n")
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'[rules]\ndirs = ["{rules}"]\n' + only_checks("sa_rules"))
+    local = (b"Received: from localhost (localhost [127.0.0.1])\r\n\tby mx.example.test (Postfix) with ESMTP id "
+             b"A1B2C3;\r\n\tTue, 12 Mar 2024 10:01:05 +0000\r\n")
+    internet = (b"Delivered-To: bob@example.test\r\nReceived: from mail1.sender.test ([198.51.100.23])\r\n\tby "
+                b"mx.example.test (8.15.2/8.15.2) with ESMTP id h2F0c2x31856;\r\n\tTue, 12 Mar 2024 10:01:03 +0000\r\n")
+    (tmp_path / "local.eml").write_bytes(local + HAM)
+    (tmp_path / "internet.eml").write_bytes(local + internet + HAM)
+
+    def score(*options):
+        p = subprocess.run([os.sys.executable, "-m", "gateway.cli", "score", "-c", str(config), "--json", *options,
+                            str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        return {os.path.basename(r["path"]): r for r in map(json.loads, p.stdout.splitlines())}
+
+    rows = score()
+    assert rows["local.eml"]["tests"] == {"ALL_TRUSTED": -1.0}  # it really came from this host
+    assert rows["internet.eml"]["tests"] == {"T_RDNS_NONE": 0.7}
+    assert rows["internet.eml"]["session"] == {
+        "client_ip": "198.51.100.23", "client_rdns": "", "helo": "mail1.sender.test", "from": "received[1]",
+        "rcpt": "bob@example.test", "rcpt_from": "Delivered-To", "sender": ""}
+    given = score("--client-ip", "192.0.2.9", "--helo", "given.test", "--rcpt", "carol@example.test")
+    assert given["local.eml"]["session"]["client_ip"] == "192.0.2.9" and "ALL_TRUSTED" not in given["local.eml"]["tests"]
+    assert given["local.eml"]["session"]["rcpt"] == "carol@example.test"
+    bad = subprocess.run([os.sys.executable, "-m", "gateway.cli", "score", "-c", str(config), "--client-ip", "nope",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "--client-ip 'nope': not an IPv4 or IPv6 address" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_starttls_then_mail_is_marked_esmtps(mailgate, sink, tmp_path):
     from tests.support.sink import make_self_signed
 

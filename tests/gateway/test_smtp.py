@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 from twisted.internet import defer, task
@@ -10,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from gateway.config import validate
+from gateway.events import ConnectionClosed, ConnectionOpened, EventSink, LogLine, MessageAnswered, StageRefused
 from gateway.headers import Finisher
 from gateway.pipeline import Pipeline
 from gateway.plugins import Check
@@ -90,8 +92,10 @@ class Harness:
         # the failure count per address in a memory store on the test's clock; its
         # coroutines finish at once, so ensureDeferred runs them without a loop
         self.store = MemoryStore(clock=self.clock.seconds)
+        self.events = []  # everything told, beside the log line
         self.factory = GatewayFactory(self.runtime, self.clock, enqueue=self._enqueue, quarantine=self._enqueue,
-                                      auth_guard=AuthGuard(self.store, defer.ensureDeferred))
+                                      auth_guard=AuthGuard(self.store, defer.ensureDeferred),
+                                      events=EventSink([self.events.append, LogLine()]))
         self.peer = peer
 
     def _enqueue(self, entry, data, *verdict):
@@ -499,7 +503,7 @@ def test_small_data_reads_pause_reading_so_the_kernel_gathers_the_next():
     c.proto.dataReceived(HAM[400:] + b"x" * protocol_module.COALESCE_AFTER + b"\r\n")  # 64 KiB in a second
     c.proto.dataReceived(b"y" * 400)
     assert c.transport.producerState == "paused"
-    h.clock.advance(protocol_module.COALESCE_MAX)  # at 64 KiB/s 48 KiB take 0.75 s; no pause is that long
+    h.clock.advance(protocol_module.COALESCE_MAX)  # at 64 KiB/s 128 KiB take 2 s; no pause is that long
     assert c.transport.producerState == "producing"
     c.proto.dataReceived(b"x" * protocol_module.COALESCE_BELOW + b"\r\n")  # a big read: no pause
     assert c.transport.producerState == "producing"
@@ -507,14 +511,34 @@ def test_small_data_reads_pause_reading_so_the_kernel_gathers_the_next():
     assert c.replies()[-1].startswith(QUEUED) and c.transport.producerState == "producing"
 
 
-def test_a_fast_sender_waits_only_as_long_as_it_takes_to_send_less_than_a_read():
+def test_a_fast_sender_waits_only_as_long_as_it_takes_to_send_what_gathers():
     h = Harness(max_message_size=2_000_000)
     c = in_data(h)
     c.proto.dataReceived(HAM + b"x" * 1_000_000 + b"\r\n")
     h.clock.advance(0.1)  # 1 MB in 0.1 s: 10 MB/s
     c.proto.dataReceived(b"y" * 400)
     assert c.transport.producerState == "paused"
-    h.clock.advance(0.005)  # 48 KiB at 10 MB/s: under 5 ms
+    h.clock.advance(0.012)
+    assert c.transport.producerState == "paused"
+    h.clock.advance(0.002)  # 128 KiB at 10 MB/s: 13.1 ms
+    assert c.transport.producerState == "producing"
+
+
+class _SmallBufferSocket:
+    def getsockopt(self, level, name):
+        assert (level, name) == (socket.SOL_SOCKET, socket.SO_RCVBUF)
+        return 16384
+
+
+def test_what_gathers_during_a_pause_never_fills_the_socket_receive_buffer():
+    h = Harness(max_message_size=2_000_000)
+    c = in_data(h)
+    c.transport.getHandle = _SmallBufferSocket
+    c.proto.dataReceived(HAM + b"x" * 1_000_000 + b"\r\n")
+    h.clock.advance(0.1)  # 10 MB/s
+    c.proto.dataReceived(b"y" * 400)
+    assert c.transport.producerState == "paused"
+    h.clock.advance(0.001)  # half of 16 KiB at 10 MB/s: 0.8 ms
     assert c.transport.producerState == "producing"
 
 
@@ -644,7 +668,7 @@ def test_smtputf8_is_offered_and_takes_utf8_addresses(h):
     assert c.send(HAM + b".\r\n")[-1].startswith(QUEUED)
     entry, data = h.queued[0]
     assert entry.smtputf8 and entry.recipients[0].address == "ü@example.test"
-    assert b" with UTF8ESMTP id " in data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ")
+    assert b" with UTF8SMTP id " in data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ")
 
 
 def test_a_utf8_address_without_smtputf8_is_refused_with_5_6_7(c):
@@ -833,3 +857,75 @@ def test_fuzzed_commands_get_valid_replies_and_the_session_still_answers(chunks,
     c.proto.dataReceived(b"\r\n.\r\nRSET\r\n*\r\nNOOP\r\n")  # out of DATA or AUTH, whichever it was in
     h.clock.advance(0)
     assert any(r.startswith(b"250 2.0.0 Ok") for r in c.replies()[-2:]) or c.transport.disconnecting
+
+
+# --- what the protocol tells: a connection opened and how it ended -------------------
+
+
+def closed(h):
+    return [e for e in h.events if isinstance(e, ConnectionClosed)]
+
+
+def test_a_connection_is_told_when_admitted_and_when_it_quits(h):
+    c = h.connect()
+    (opened,) = [e for e in h.events if isinstance(e, ConnectionOpened)]
+    assert opened.session is c.proto.session and opened.session.peer_ip == "192.0.2.10"
+    c.cmd(b"EHLO client.sender.test")
+    assert closed(h) == []
+    assert c.cmd(b"QUIT").startswith(b"221 ")
+    c.proto.connectionLost()
+    (end,) = closed(h)
+    assert end.reason == "quit" and end.session.helo == "client.sender.test" and end.session.tls is False
+    assert end.session.auth_user is None and end.auth_failures == 0
+
+
+def test_a_client_refused_for_too_many_connections_is_never_told_as_a_connection():
+    h = Harness()
+    clients = [h.connect() for _ in range(3)]  # max_connections_per_ip = 2
+    assert clients[2].transport.value().startswith(TOO_MANY_CONN)
+    clients[2].proto.connectionLost()
+    assert len([e for e in h.events if isinstance(e, ConnectionOpened)]) == 2 and closed(h) == []
+
+
+def test_how_a_connection_ended_is_its_reason(h, caplog):
+    import logging
+
+    idle = h.connect()
+    in_data_client = in_data(h)
+    h.clock.advance(60)  # both past the idle timeout: one in a command, one in DATA
+    for c in (idle, in_data_client):
+        c.proto.connectionLost()
+    lost = h.connect()
+    lost.cmd(b"EHLO client.sender.test")
+    lost.cmd(b"MAIL FROM:<a@sender.test>")
+    lost.cmd(b"RCPT TO:<bob@example.test>")
+    lost.cmd(b"DATA")
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        lost.proto.connectionLost()
+    assert [e.reason for e in closed(h)] == ["timeout: command", "timeout: DATA", "lost during DATA"]
+    assert "lost connection during DATA; nothing queued" in caplog.text  # the log subscriber's line, as before
+
+
+def test_the_auth_user_and_failures_are_in_the_closed_event():
+    h, c = auth_harness(max_failures=5)
+    c.cmd(plain(password=b"wrong"))
+    h.clock.advance(1.0)
+    assert c.cmd(plain()).startswith(AUTH_OK)
+    c.cmd(b"QUIT")
+    c.proto.connectionLost()
+    (end,) = closed(h)
+    assert end.session.auth_user == "alice" and end.auth_failures == 1 and end.reason == "quit"
+
+
+def test_refusals_name_the_queue_id(h, c):
+    denied = c.cmd(b"MAIL FROM:<a@sender.test>") and c.cmd(b"RCPT TO:<x@elsewhere.test>")
+    qid = c.proto.envelope.queue_id
+    assert denied == f"554 5.7.1 <x@elsewhere.test>: Relay access denied (queue id {qid})".encode()
+    c.cmd(b"RCPT TO:<bob@example.test>")
+    c.cmd(b"DATA")
+    spam = c.send(HAM.replace(b"Hi Bob.", GTUBE) + b".\r\n")[-1]
+    assert spam == f"554 5.7.1 Message refused as spam (queue id {qid})".encode()
+    refused = [e for e in h.events if isinstance(e, StageRefused)]
+    assert refused[0].reply.text.endswith(f"(queue id {qid})") and refused[0].rcpt == "x@elsewhere.test"
+    (answered,) = [e for e in h.events if isinstance(e, MessageAnswered)]
+    assert str(answered.reply).encode() == spam and answered.message.message_id == "<1@sender.test>"

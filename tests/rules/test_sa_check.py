@@ -194,8 +194,11 @@ def test_relay_evals_see_the_session(tmp_path):
     env = Envelope("Q1", "x@evil.test")
     trusted = Transaction(Session("Q1", "10.0.0.5", helo="pc1.example.test", trusted=True), env, Message(PHISH))
     assert [(r.symbol, r.score) for r in check.check(trusted)] == [("ALL_TRUSTED", -1.0)]
-    forged = Transaction(Session("Q1", "192.0.2.1", helo="[198.51.100.7]"), env, Message(PHISH))
+    forged = Transaction(Session("Q1", "192.0.2.1", helo="198.51.100.7"), env, Message(PHISH))
     assert {r.symbol for r in check.check(forged)} == {"HELO_IP"}
+    # SpamAssassin reads a bracketed literal as "!198.51.100.7!": no address, no test
+    literal = Transaction(Session("Q1", "192.0.2.1", helo="[198.51.100.7]"), env, Message(PHISH))
+    assert {r.symbol for r in check.check(literal)} == set()
     dotcom = Transaction(Session("Q1", "192.0.2.1", helo="mx.hotmail.com"), env, Message(PHISH))
     assert {r.symbol for r in check.check(dotcom)} == {"DOTCOM"}
 
@@ -248,3 +251,147 @@ def test_stock_rules_hit_the_same_with_and_without_the_prefilter(stock_rules, tm
         assert hits == slow.run(MessageView(raw))
         hit_behind_prefilter |= set(hits) & covered
     assert len(hit_behind_prefilter) >= 5, hit_behind_prefilter  # the comparison saw real hits
+
+
+# --- the Received chain behind our session ------------------------------------------------
+
+_EARLIER = (b"Received: from mail.sender.test (mail.sender.test [203.0.113.10])\r\n\tby relay.partner.test "
+            b"(Postfix) with ESMTP id 4G5x2Y1abcz;\r\n\tTue, 12 Mar 2024 10:01:00 +0000\r\n")
+
+
+def _live(ip: str, rdns: str = "", auth=None) -> Transaction:
+    from gateway.headers import received_header
+
+    ours = received_header("relay.partner.test", rdns or None, ip, "mx.gateway.test", "Q1",
+                           "ESMTPA" if auth else "ESMTP", "bob@example.test", now=1710237662)
+    return Transaction(Session("Q1", ip, helo="relay.partner.test", esmtp=True, auth_user=auth),
+                       Envelope("Q1", "x@sender.test"), Message(ours + _EARLIER + PHISH))
+
+
+def test_live_our_session_is_the_newest_hop_and_is_not_counted_twice():
+    from rules.sa_check import relay_chain
+
+    # a public client: it and every earlier hop are untrusted
+    chain = relay_chain(_live("192.0.2.1", "relay.partner.test"), hostname="mx.gateway.test")
+    assert [(r.ip, r.index) for r in chain.untrusted] == [("192.0.2.1", 0), ("203.0.113.10", 1)]
+    assert chain.trusted == [] and chain.untrusted[0].as_string() == (
+        "[ ip=192.0.2.1 rdns=relay.partner.test helo=relay.partner.test by=mx.gateway.test ident= envfrom= intl=0 "
+        "id=Q1 auth= msa=0 ]")
+    # a private client (an internal relay): walked through to the hop it got the message from
+    inner = relay_chain(_live("10.0.0.5"), hostname="mx.gateway.test")
+    assert [r.ip for r in inner.trusted] == ["10.0.0.5"] and [r.ip for r in inner.untrusted] == ["203.0.113.10"]
+    assert inner.trusted[0].no_reverse_dns
+    # an authenticated one too, with SpamAssassin's token for it
+    authed = relay_chain(_live("192.0.2.1", auth="carol"), hostname="mx.gateway.test")
+    assert [(r.ip, r.auth) for r in authed.trusted] == [("192.0.2.1", "ESMTPA")]
+    # configured: the partner relay is trusted, so the sender's hop is the first untrusted
+    trust = RulesSettings(trusted_networks=["192.0.2.0/24"]).trust()
+    configured = relay_chain(_live("192.0.2.1", "relay.partner.test"), trust, "mx.gateway.test")
+    assert [r.ip for r in configured.trusted] == ["192.0.2.1"]
+    assert configured.untrusted[0].rdns == "mail.sender.test"
+
+
+def test_offline_the_file_is_read_as_spamassassin_reads_it():
+    from rules.sa.received import parse_message
+    from rules.sa_check import relay_chain
+
+    raw = _EARLIER + PHISH
+    env = Envelope("offline", "x@sender.test")
+    found = relay_chain(Transaction(Session("offline", "203.0.113.10"), env, Message(raw)))
+    assert found.pseudo_headers() == parse_message(raw).pseudo_headers()
+    # a client the file does not name (score --client-ip) is the newest hop
+    given = relay_chain(Transaction(Session("offline", "198.51.100.7", helo="given.test"), env, Message(raw)),
+                        hostname="mx.gateway.test")
+    assert [r.ip for r in given.untrusted] == ["198.51.100.7", "203.0.113.10"]
+    assert given.last_trusted_relay_index == -2  # it wrote no header
+    # no Received header and no client known: no relays at all
+    assert relay_chain(Transaction(Session("offline", "0.0.0.0"), env, Message(PHISH))).untrusted == []
+
+
+def test_network_settings_are_checked():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not an IP address or network"):
+        RulesSettings(trusted_networks=["mx.example.org"])
+    assert RulesSettings().trust().trusted is None
+    assert RulesSettings(internal_networks=["10."]).trust().internal.contains("10.1.2.3")
+
+
+def test_e2e_relay_rules_see_our_session_and_the_hops_before_it(mailgate, sink, tmp_path):
+    from tests.rules.test_sender_auth import only_checks
+
+    rules = tmp_path / "cf"
+    rules.mkdir()
+    (rules / "relay.cf").write_text(
+        "header ALL_TRUSTED eval:check_all_trusted()\ntflags ALL_TRUSTED nice\nscore ALL_TRUSTED -1.0\n"
+        "header T_RDNS_NONE X-Spam-Relays-External =~ /^[^\\]]+ rdns= /\nscore T_RDNS_NONE 0.7\n"
+        "header T_TWO_HOPS X-Spam-Relays-Trusted =~ /^\\[ ip=127\\.0\\.0\\.1 [^\\]]+ by=mx\\.gateway\\.test /\n"
+        "score T_TWO_HOPS 0.1\nheader T_TRUSTED_TWICE X-Spam-Relays-Trusted =~ /\\] \\[/\nscore T_TRUSTED_TWICE 5\n")
+    gw = mailgate(extra_toml=f'[rules]\ndirs = ["{rules}"]\n' + only_checks("sa_rules"))
+    earlier = (b"Received: from mail1.sender.test ([198.51.100.23])\r\n\tby relay.example.test (8.15.2/8.15.2) "
+               b"with ESMTP id h2F0c2x31856;\r\n\tTue, 12 Mar 2024 10:01:03 +0000\r\n")
+    with gw.smtp() as smtp:
+        smtp.sendmail("x@evil.test", ["bob@example.test"], PHISH)  # from loopback: all trusted
+        smtp.sendmail("x@evil.test", ["bob@example.test"], earlier + PHISH)  # relayed for a host with no rDNS
+    sink.wait_for(2, timeout=20)
+    status = []
+    for m in sink.messages[:2]:
+        head = m.data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+        status.append([line for line in head.split(b"\r\n") if line.startswith(b"X-Spam-Status:")][0])
+    local = next(s for s in status if b"T_RDNS_NONE" not in s)
+    relayed = next(s for s in status if s is not local)
+    assert b"ALL_TRUSTED=-1" in local and b"T_TWO_HOPS=0.1" in local and b"T_TRUSTED_TWICE" not in local
+    # our loopback hop is trusted and counted once; the host before it is the untrusted one
+    assert b"ALL_TRUSTED" not in relayed and b"T_RDNS_NONE=0.7" in relayed and b"T_TWO_HOPS=0.1" in relayed
+
+
+# --- score sets: picked as SpamAssassin does ------------------------------------------
+
+
+def test_score_set_is_net_bit_plus_bayes_bit_unless_configured():
+    from rules.sa_check import pick_score_set
+
+    auto = RulesSettings()
+    assert auto.score_set is None
+    assert [pick_score_set(auto, net, bayes) for net, bayes in
+            ((False, False), (True, False), (False, True), (True, True))] == [0, 1, 2, 3]
+    assert pick_score_set(RulesSettings(score_set=1), False, True) == 1  # an explicit set wins
+
+
+def test_network_tests_are_off_only_when_every_network_check_is():
+    from types import SimpleNamespace
+
+    from rules.sa_check import NETWORK_CHECKS, network_tests_on
+
+    assert network_tests_on(SimpleNamespace(checks=SimpleNamespace(disabled=[])))
+    assert network_tests_on(SimpleNamespace(checks=SimpleNamespace(disabled=["dnsbl", "uribl"])))
+    assert not network_tests_on(SimpleNamespace(checks=SimpleNamespace(disabled=list(NETWORK_CHECKS))))
+
+
+def test_stock_scores_switch_to_the_bayes_sets_while_a_trained_model_is_loaded(tmp_path):
+    rules = tmp_path / "r"
+    rules.mkdir()
+    (rules / "a.cf").write_text("header S1 Subject =~ /locked/i\nscore S1 1.0 2.0 3.0 4.0\n")
+    settings = RulesSettings(dirs=[str(rules)])
+    extra: dict = {}
+    check = SaRules(load_engine(settings), settings, network_tests=False, bayes_ready=extra)
+    raw = b"From: a@example.org\r\nSubject: account locked\r\n\r\nx\r\n"
+    assert [(r.symbol, r.score) for r in check.evaluate(_txn(raw))] == [("S1", 1.0)]  # set 0
+    ready = {"on": False}
+    extra["bayes.ready"] = lambda: ready["on"]  # what the Bayes check publishes
+    assert [r.score for r in check.evaluate(_txn(raw))] == [1.0]  # a model that cannot scan yet
+    ready["on"] = True
+    assert [r.score for r in check.evaluate(_txn(raw))] == [3.0]  # set 2
+    net = SaRules(load_engine(settings), settings, network_tests=True, bayes_ready=extra)
+    assert [r.score for r in net.evaluate(_txn(raw))] == [4.0]  # set 3
+
+
+def test_bayes_check_publishes_whether_it_can_scan(tmp_path):
+    from types import SimpleNamespace
+
+    from classifiers.bayes_check import BayesCheck, BayesSettings
+
+    services = Services(reactor=None, run_in_thread=lambda f, *a: f(*a))
+    config = SimpleNamespace(bayes=BayesSettings(model=str(tmp_path / "none.model")))
+    BayesCheck.from_config(config, services)
+    assert services.extra["bayes.ready"]() is False  # no model file

@@ -60,8 +60,9 @@ CASES = [
     ("header __A Subject =~ /locked/i\nheader __N exists:X-Nope\nmeta M4 __A && !__N", SPAMMY, {"M4"}),
     ("header __A Subject =~ /locked/i\nheader __B exists:X-Mailer\nheader __N exists:X-Nope\n"
      "meta M5 (__A + __B + __N) > 1", SPAMMY, {"M5"}),
-    # a meta naming a rule defined nowhere is switched off, as in SpamAssassin
-    ("header __A Subject =~ /locked/i\nmeta M9 __A && !__UNDEFINED", SPAMMY, set()),
+    # a rule defined nowhere reads as 0, as in SpamAssassin 4 (Check.pm do_meta_tests)
+    ("header __A Subject =~ /locked/i\nmeta M9 __A && !__UNDEFINED", SPAMMY, {"M9"}),
+    ("header __A Subject =~ /locked/i\nmeta M9 __A && __UNDEFINED", SPAMMY, set()),
     # a skipped rule is defined: it just never hits
     ("header __A Subject =~ /locked/i\nbody __K /a\\Kb/\nmeta M10 __A && !__K", SPAMMY, {"M10"}),
     ("header __A Subject =~ /locked/i\nmeta M6 !__A + 1 > 1", SPAMMY, set()),
@@ -144,7 +145,7 @@ def test_include_reads_relative_files_and_stops_loops(tmp_path):
 
 
 def test_unusable_rules_are_skipped_with_file_and_line():
-    rs = load_text("body OK /fine/\nbody K1 /foo\\Kbar/\nbody E1 eval:check_stock_info()\n"
+    rs = load_text("body OK /fine/\nbody K1 /foo\\Kbar/\nbody E1 eval:check_no_such_eval()\n"
                    "body BAD /unterminated\nheader BADH Subject =~ /x/ [if-unset: y]\n"
                    "body LB /(?<=a+)b/\n", path="local.cf")
     assert set(rs.rules) == {"OK", "BADH"}
@@ -181,10 +182,13 @@ def test_gtube_rule_is_evaluated_but_not_reported_when_owned_elsewhere():
     assert [h.name for h in hits_report(engine, hits)] == ["GTUBE_SEEN"]
 
 
-def test_metas_with_undefined_dependencies_are_listed():
-    rs = load_text("meta A __NOWHERE\nmeta B A || C\nheader C Subject =~ /x/\n")
+def test_metas_with_undefined_dependencies_are_listed_and_read_them_as_zero():
+    # SpamAssassin 4 keeps such a meta: the undefined name is 0 (Check.pm do_meta_tests)
+    rs = load_text("meta A __NOWHERE\nmeta B C && !__NOWHERE\nheader C Subject =~ /x/\n")
     assert set(rs.disabled) == {"A", "B"} and "__NOWHERE" in rs.disabled["A"]
-    assert set(rs.rules) == {"C"}
+    assert set(rs.rules) == {"A", "B", "C"}
+    hits = Engine(rs).run(MessageView(msg("Subject: x", "body\n")))
+    assert hits.get("B") == 1 and not hits.get("A")
 
 
 def test_nice_rules_default_to_minus_one():
@@ -269,3 +273,14 @@ def test_prefilter_covers_the_joined_text_kinds_but_not_per_unit_rules():
     assert engine.prefilters["body"].covered == {"B1"}  # /s sees one paragraph at a time: Python only
     view = MessageView(SPAMMY)
     assert set(engine.run(view)) == {"B1", "U1", "F1", "S1", "H1"}
+
+
+@pytest.mark.parametrize("use_prefilter", [True, False])
+def test_nosubject_body_rules_skip_the_subject_line(use_prefilter):
+    # 20_meta_tests.cf: __NONEMPTY_BODY /\S/ with tflags nosubject feeds EMPTY_MESSAGE
+    rs = load_text("body __NONEMPTY /\\S/\ntflags __NONEMPTY nosubject\nmeta EMPTY !__NONEMPTY\n"
+                   "body SUBJ_WORD /watches/\ntflags SUBJ_WORD nosubject\n")
+    engine = Engine(rs, use_prefilter=use_prefilter)
+    assert set(engine.run(MessageView(msg("Subject: Cheap watches", "")))) == {"EMPTY"}
+    hits = engine.run(MessageView(msg("Subject: Cheap watches", "buy watches\n")))
+    assert {"__NONEMPTY", "SUBJ_WORD"} <= set(hits) and "EMPTY" not in hits

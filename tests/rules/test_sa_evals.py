@@ -20,7 +20,7 @@ def test_parse_call(text, call):
 
 
 def test_unsupported_explains_why():
-    assert "not implemented" in unsupported("body", ("check_stock_info", ("2",)))
+    assert "not implemented" in unsupported("body", ("check_no_such_eval", ("2",)))
     assert "not available in body" in unsupported("body", ("check_rbl", ("a", "b.")))
     assert unsupported("header", ("check_rbl", ("a", "b."))) is None
     assert "not implemented" in unsupported("body", ("html_test", ("no_such_test",)))
@@ -507,3 +507,150 @@ def test_parse_rfc822_date_like_spamassassin(text, when):
 
     expected = None if when is None else calendar.timegm(_time.strptime(when, "%Y-%m-%d %H:%M:%S"))
     assert parse_rfc822_date(text) == expected
+
+
+# --- check_stock_info, check_dns_sender, FreeMail, and what parity with SA needed ----
+
+
+def _stock(body: str, ctype: str = "text/plain") -> MessageView:
+    return _msg(f"From: a@example.org\nSubject: tip\nContent-Type: {ctype}", body)
+
+
+def test_stock_info_counts_distinct_stock_tip_fields_of_the_first_text_part():
+    tip = "Company: Acme Gold Corp\nSymbol: ACGC\nCurrent Price: $0.12\nTarget: $1.50\n"
+    assert _eval(_stock(tip), "check_stock_info", "2") == 1
+    assert _eval(_stock(tip), "check_stock_info", "5") == 0  # four kinds, not five
+    # the same kind twice is one kind; a field name is at most 30 characters from the line start
+    assert _eval(_stock("Symbol: A\nSymbol: B\na much longer line that names the Target: x\n"),
+                 "check_stock_info", "2") == 0
+    assert _eval(_stock("Symbol: A\nsee the Target: x\n"), "check_stock_info", "2") == 1  # "...target" ends it
+    # s.t.o.c.k spelt with a filler between the letters still counts (BodyEval's regex)
+    assert _eval(_stock("S-t-o-c-k: ACGC\nRating: strong buy\n"), "check_stock_info", "2") == 1
+    assert _eval(_stock("<p>Symbol: ACGC</p><p>Target: 1</p>", "text/html"), "check_stock_info", "2") == 0
+    assert _eval(_stock("nothing here\n"), "check_stock_info", "0") == 1  # min 0: always
+
+
+def test_stock_info_is_loaded_from_rules():
+    from rules.sa.ruleset import load_text
+
+    rs = load_text("body TVD_STOCK1 eval:check_stock_info('2')\n", path="local.cf")
+    assert "TVD_STOCK1" in rs.rules and not rs.skipped
+
+
+def test_dns_sender_hits_only_on_the_gateway_nxdomain_answer():
+    view = _msg("From: a@nowhere.example\nSubject: x", envelope_sender="a@nowhere.example")
+    assert int(run(EvalContext(view, sender_dns="nxdomain"), ("check_dns_sender", ()))) == 1
+    assert int(run(EvalContext(view), ("check_dns_sender", ()))) == 0  # not looked up: no hit
+
+
+def test_sender_dns_reads_the_sender_domain_result():
+    from gateway.records import Envelope, Result
+    from rules.sa_check import sender_dns
+
+    class Txn:
+        envelope = Envelope("q", "a@nowhere.example",
+                            results=[Result("SENDER_DOMAIN_UNKNOWN", 3.0, "nowhere.example (no such domain)")])
+
+    assert sender_dns(Txn()) == "nxdomain"
+    Txn.envelope = Envelope("q", "a@empty.example",
+                            results=[Result("SENDER_DOMAIN_UNKNOWN", 3.0, "empty.example (no MX, A or AAAA)")])
+    assert sender_dns(Txn()) is None  # the name exists: SpamAssassin looks for NXDOMAIN/SERVFAIL
+    Txn.envelope = None
+    assert sender_dns(Txn()) is None
+
+
+_FM = {"freemail_domains": ["freemail.example", "*.webmail.example"], "freemail_welcomelist": ["ok@freemail.example"]}
+
+
+def _fm(view, name, *args):
+    return int(run(EvalContext(view, lists=_FM), (name, tuple(args))))
+
+
+def test_freemail_from_and_header():
+    v = _msg("From: Joe <joe1@freemail.example>\nReply-To: joe@mail.webmail.example\nSubject: x")
+    assert _fm(v, "check_freemail_from") == 1
+    assert _fm(v, "check_freemail_from", r"\d@") == 1
+    assert _fm(v, "check_freemail_header", "Reply-To") == 1  # the wildcard domain
+    assert _fm(v, "check_freemail_header", "Reply-To", r"\d@") == 0
+    assert _fm(_msg("From: ok@freemail.example\nSubject: x"), "check_freemail_from") == 0  # welcomelisted
+    assert _fm(_msg("From: info@freemail.example\nSubject: x"), "check_freemail_from") == 0  # role account
+    assert _fm(_msg("From: joe@corp.example\nSubject: x"), "check_freemail_from") == 0
+    assert int(run(EvalContext(v), ("check_freemail_from", ()))) == 0  # no freemail_domains: plugin off
+
+
+def test_freemail_replyto_different_freemails_or_body_address():
+    v = _msg("From: joe@freemail.example\nReply-To: jim@freemail.example\nSubject: x")
+    assert _fm(v, "check_freemail_replyto", "replyto") == 1
+    same = _msg("From: joe@freemail.example\nReply-To: joe@freemail.example\nSubject: x")
+    assert _fm(same, "check_freemail_replyto", "replyto") == 0
+    body = _msg("From: joe@freemail.example\nSubject: x", "write to jack@freemail.example today\n")
+    assert _fm(body, "check_freemail_replyto", "reply") == 1  # no Reply-To: From against the body
+    bulk = _msg("From: joe@freemail.example\nReply-To: jim@freemail.example\nSubject: x",
+                envelope_sender="list-bounces@lists.example")
+    assert _fm(bulk, "check_freemail_replyto", "replyto") == 0  # a bulk envelope sender is not judged
+
+
+def test_equal_from_domains_compares_the_last_two_labels():
+    assert _eval(_msg("From: a@mail.example.org\nSubject: x", envelope_sender="b@bounce.example.org"),
+                 "check_equal_from_domains") == 0
+    assert _eval(_msg("From: a@example.org\nSubject: x", envelope_sender="b@example.net"),
+                 "check_equal_from_domains") == 1
+    assert _eval(_msg("From: a@example.org\nSubject: x"), "check_equal_from_domains") == 0  # no envelope
+
+
+def test_envelope_from_falls_back_to_the_headers_as_spamassassin():
+    rp = "Return-Path: <rp@example.net>\n" + _RCVD + "\nFrom: a@example.org\nSubject: x"
+    assert _msg(rp).envelope_from == "rp@example.net"  # above every Received: set by the last hop
+    below = _RCVD + "\nReturn-Path: <rp@example.net>\nFrom: a@example.org\nSubject: x"
+    assert _msg(below).envelope_from == ""  # below a Received: anyone could have written it
+    fetch = ("Return-Path: <rp@example.net>\nReceived: from localhost by h with IMAP (fetchmail-6.2.5)\n"
+             "X-Sender: xs@example.com\nFrom: a@example.org\nSubject: x")
+    assert _msg(fetch).envelope_from == ""  # fetchmail: the envelope is lost
+    assert _msg(rp, envelope_sender="mail@from.example").envelope_from == "mail@from.example"
+
+
+def test_ascii_text_illegal_flags_8bit_text_claiming_ascii():
+    raw = b"From: a@example.org\r\nSubject: x\r\nContent-Type: text/plain\r\n\r\ncaf\xe9\r\n"
+    assert _eval(MessageView(raw), "check_for_ascii_text_illegal") == 1
+    ok = b"From: a@example.org\r\nSubject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n"
+    assert _eval(MessageView(ok), "check_for_ascii_text_illegal") == 0
+    assert _eval(_msg("From: a@example.org\nSubject: x", "plain ascii\n"), "check_for_ascii_text_illegal") == 0
+
+
+def test_illegal_chars_reads_the_raw_bytes():
+    korean = b"From: a@example.org\r\nSubject: [\xb1\xa4\xb0\xed] \xbf\xe4\xc1\xf2\r\n\r\nx\r\n"
+    assert _eval(MessageView(korean), "check_illegal_chars", "Subject", "0.00", "2") == 1
+    utf8 = "From: a@example.org\r\nSubject: caf\u00e9 cr\u00e8me\r\n\r\nx\r\n".encode()
+    assert _eval(MessageView(utf8), "check_illegal_chars", "Subject", "0.00", "2") == 0  # valid UTF-8
+    pound = b"From: a@example.org\r\nSubject: only \xa3 5\r\n\r\nx\r\n"
+    assert _eval(MessageView(pound), "check_illegal_chars", "Subject", "0.00", "1") == 0  # one pound sign
+
+
+def test_shifted_date_skips_the_fetchmail_hop():
+    headers = ("Received: from localhost (localhost [127.0.0.1]) by h (Postfix); Sat, 28 Nov 2026 20:00:00 +0000\n"
+               "Received: from mail by localhost with POP3 (fetchmail-5.9.0); Sat, 28 Nov 2026 20:00:00 +0000\n"
+               + _RCVD + "\nDate: Sat, 28 Nov 2026 10:00:00 +0000\nFrom: a@example.org\nSubject: x")
+    # the local and fetchmail hops are ten hours later; the real hop agrees with Date:
+    assert _eval(_msg(headers), "check_for_shifted_date", "undef", "-3") == 0
+    assert _eval(_msg(headers), "check_for_shifted_date", "-3", "3") == 1
+
+
+def test_html_image_only_measures_the_html_source():
+    img = '<html><body><img src="http://x.example/a.gif" width=10 height=10></body></html>'
+    v = _html(img)
+    assert _eval(v, "html_image_only", "0", "400") == 1
+    assert _eval(v, "html_image_only", str(len(img)), "1000") == 0
+
+
+def test_vbounce_relays():
+    from rules.sa.ruleset import load_text
+
+    assert load_text("welcomelist_bounce_relays mx.example.org\n", path="l.cf").lists["bounce_relays"] == [
+        "mx.example.org"]
+    bounce = _msg("From: MAILER-DAEMON@example.org\nSubject: failure",
+                  "Original message:\n\nReceived: from x by mx.example.org with SMTP; today\n")
+    lists = {"bounce_relays": ["mx.example.org"]}
+    assert int(run(EvalContext(bounce, lists=lists), ("check_welcomelist_bounce_relays", ()))) == 1
+    assert int(run(EvalContext(bounce, lists=lists), ("have_any_bounce_relays", ()))) == 1
+    assert int(run(EvalContext(bounce), ("check_welcomelist_bounce_relays", ()))) == 0
+    assert int(run(EvalContext(bounce), ("have_any_bounce_relays", ()))) == 0

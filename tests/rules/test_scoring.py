@@ -1,6 +1,9 @@
 """The one decider."""
 
-from gateway.errors import Reject, TempFail
+import pytest
+
+from gateway.config import load
+from gateway.errors import ConfigError, Reject, TempFail
 from gateway.records import Action, Failed, Result
 from rules.scoring import Scorer
 
@@ -58,3 +61,51 @@ def test_stage_decisions():
 def test_detail_is_kept_short_and_on_one_line():
     reply = Scorer().decide_stage([Result("B", 0, refuse="helo", detail="a\r\nb" + "x" * 500)])
     assert "\n" not in reply.text and len(reply.text) < 260
+
+
+def test_every_hit_carries_its_declared_description_and_weight():
+    from gateway.plugins import Symbol, SymbolTable
+
+    table = SymbolTable([Symbol("A", 1.0, "g", "Means A"), Symbol("FAM_*", 0.0, "g", "Some FAM")])
+    s = Scorer(weights={"A": 2.5}, symbols=table)
+    v = s.decide([Result("A", 1.0, "seen"), Result("FAM_X", 0.0), Result("UNDECLARED", 0.5)])
+    assert [(r.symbol, r.score, r.detail, r.description) for r in v.results] == [
+        ("A", 2.5, "seen", "Means A"), ("FAM_X", 0.0, "", "Some FAM"), ("UNDECLARED", 0.5, "", "")]
+    # the description is no part of the evidence: results compare as before
+    assert v.results[1] == Result("FAM_X", 0.0)
+    assert Scorer().decide([Result("A", 1.0)]).results[0].description == ""
+
+
+# --- [rules] learned_scores (the file `mailgate fit-scores` writes) ---------------
+
+
+def _config(tmp_path, learned: str, scores: str = ""):
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'[rules]\nlearned_scores = "{learned}"\n' + (f"[scores]\n{scores}\n" if scores else ""))
+    return load(str(cfg))
+
+
+def test_the_scorer_uses_the_learned_file_under_the_configs_own_scores(tmp_path):
+    learned = tmp_path / "learned.toml"
+    learned.write_text("[scores]\nMG_A = 2.5\nMG_B = -1\n")
+    scorer = Scorer.from_config(_config(tmp_path, str(learned), "MG_B = 0.25"))
+    assert scorer.weights["MG_A"] == 2.5 and scorer.weights["MG_B"] == 0.25
+    # not named: not loaded
+    assert "MG_A" not in Scorer.from_config(_config(tmp_path, "")).weights
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "no such file; write it with `mailgate fit-scores`"),
+    ("[scores\n", "not valid TOML"),
+    ("MG_A = 1\n", "has no [scores] table"),
+    ('[scores]\nMG_A = "high"\n', "scores.MG_A = 'high': not a finite number"),
+    ("[scores]\nMG_A = nan\n", "scores.MG_A = nan: not a finite number"),
+    ("[scores]\nMG_A = true\n", "not a finite number"),
+])
+def test_a_bad_learned_file_is_refused_naming_the_key(tmp_path, content, reason):
+    path = tmp_path / "learned.toml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as e:
+        Scorer.from_config(_config(tmp_path, str(path)))
+    assert f"rules.learned_scores = '{path}'" in str(e.value) and reason in str(e.value)

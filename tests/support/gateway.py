@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def base_config(port: int, queue_dir: str, downstream: Optional[str], dns: Optional[str] = None,
                 domains=("example.test",), trusted=(), hostname: str = "mx.gateway.test",
-                server_extra: str = "") -> str:
+                server_extra: str = "", web: str = "enabled = false") -> str:
+    # the web console is on by default at 127.0.0.1:8025: a test gateway keeps
+    # it off (two gateways would fight for the port) unless ``web`` sets it up
     route = f'"smtp:[127.0.0.1]:{downstream}"' if downstream else '"mx"'
     lines = [
         "[server]",
@@ -46,6 +48,7 @@ def base_config(port: int, queue_dir: str, downstream: Optional[str], dns: Optio
     ]
     if dns:
         lines += ["[dns]", f'nameservers = ["{dns}"]', "timeout = 2.0"]
+    lines += ["[web]", web]
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +190,7 @@ def mailgate_factory(tmp_path: Path, sink=None):
 
     def make(extra_toml: str = "", dns: Optional[str] = None, downstream_port: Optional[int] = None,
              trusted=(), domains=("example.test",), start: bool = True, name: str = "gw",
-             server_extra: str = "") -> GatewayProcess:
+             server_extra: str = "", web: str = "enabled = false") -> GatewayProcess:
         port = free_port()
         workdir = tmp_path / f"{name}{len(started)}"
         if dns is None:
@@ -198,7 +201,7 @@ def mailgate_factory(tmp_path: Path, sink=None):
             dns = server.nameserver
         downstream = downstream_port if downstream_port is not None else (sink.port if sink else None)
         text = base_config(port, str(workdir / "queue"), downstream, dns, domains, trusted,
-                           server_extra=server_extra) + "\n" + extra_toml
+                           server_extra=server_extra, web=web) + "\n" + extra_toml
         gw = GatewayProcess(workdir, text, port)
         started.append(gw)
         return gw.start() if start else gw
