@@ -434,6 +434,7 @@ class Gateway:
         except OSError:
             pass
         self.monitor.close()  # the facts still queued for the tracking store
+        self.services.store.close()  # SQLite's thread, Redis's connections
         log.info("stopped")
         if self.reactor.running:
             self.reactor.stop()
