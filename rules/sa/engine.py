@@ -11,7 +11,9 @@ into one Python function evaluated in dependency order.
 
 A match that spans two paragraphs (possible only because they were joined)
 is re-checked paragraph by paragraph, so results equal the per-paragraph
-semantics.
+semantics.  Rawbody rules are the exception: their units are SpamAssassin's
+2-4 KB chunks, cut mid-line, so they always run chunk by chunk (the joined
+text serves the needles only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ log = logging.getLogger("mailgate.rules.sa")
 
 DEFAULT_SCORE_SET = 1  # network tests on, SpamAssassin's Bayes off (see docs/rules.md)
 _UNIT_KINDS = ("body", "rawbody", "uri")
+# Kinds whose units are chunks cut anywhere in a line (MessageView.rawbody_chunks):
+# a regex sees one chunk as its whole subject (``^`` is the chunk's start, not
+# a line's), so every rule runs chunk by chunk and the prefilter scans each
+# chunk alone; on the joined text a match at a chunk's edge could be missed.
+_CHUNK_KINDS = ("rawbody",)
 
 
 @dataclass
@@ -152,7 +159,9 @@ class Engine:
         per_unit = False
         extra = 0
         nosubject = rule.kind == "body" and "nosubject" in flags
-        if rule.kind in _UNIT_KINDS:
+        if rule.kind in _CHUNK_KINDS:
+            per_unit = True
+        elif rule.kind in _UNIT_KINDS:
             per_unit = (bool(parsed.flags & re.DOTALL) or b"\\A" in parsed.source or b"\\Z" in parsed.source
                         or nosubject)  # the joined text starts with the Subject
             extra = re.MULTILINE  # ^ and $ at each paragraph (line, URI) of the joined text
@@ -174,10 +183,10 @@ class Engine:
         for kind, scan in self.deferred.values():
             by_kind[kind].append(scan)
         for kind, scans in by_kind.items():
-            eligible = [s for s in scans if kind == "full" or not s.per_unit]
+            eligible = [s for s in scans if kind in ("full",) + _CHUNK_KINDS or not s.per_unit]
             if not eligible:
                 continue
-            extra = re.MULTILINE if kind in _UNIT_KINDS else 0
+            extra = re.MULTILINE if kind in _UNIT_KINDS and kind not in _CHUNK_KINDS else 0
             pf = prefilter.build((prefilter.Pattern(s.rule.name, s.rule.parsed.source, s.rule.parsed.flags | extra)
                                   for s in eligible), self.cache_dir)
             if pf is None:
@@ -265,8 +274,8 @@ class Engine:
         hits.update(self._zeros)
         self._run_headers(view, hits)
         units = {
-            "body": lambda: view.paragraphs,
-            "rawbody": lambda: view.rawbody_lines,
+            "body": lambda: view.body_lines,
+            "rawbody": lambda: view.rawbody_chunks,
             "uri": lambda: [u.encode("utf-8", "surrogateescape") for u in view.uris],
             "full": lambda: [view.full_text],
         }
@@ -398,7 +407,15 @@ class _Hits(dict):
         if key not in self._cache:
             pf = self.engine.prefilters.get(kind)
             text = self.text_of(kind)
-            self._cache[key] = pf.candidates(text) if pf is not None and text else set()
+            if pf is None or not text:
+                self._cache[key] = set()
+            elif kind in _CHUNK_KINDS:  # each chunk alone, as its rules see it
+                found: set = set()
+                for unit in self.units_of(kind, False):
+                    found |= pf.candidates(unit)
+                self._cache[key] = found
+            else:
+                self._cache[key] = pf.candidates(text)
         return self._cache[key]
 
     def low_of(self, kind: str) -> bytes:
@@ -461,10 +478,7 @@ def _header_match(scan: _Scan, value, value_low) -> bool:
 def _crosses(match: re.Match, kind: str) -> bool:
     if kind == "full":
         return False
-    s = match.group(0)
-    if kind == "rawbody":
-        s = s[:-1]
-    return b"\n" in s
+    return b"\n" in match.group(0)
 
 
 def _count_joined(scan: _Scan, text: bytes, kind: str) -> int:

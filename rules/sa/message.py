@@ -28,6 +28,10 @@ from gateway.mime import getaddresses, parse_mime
 from rules.sa import uris as uri_mod
 
 MAX_PART = 512 * 1024  # text parts larger than this are cut (rules scan a prefix)
+# Constants.pm MAX_BODY_LINE_LENGTH: the chunk size of rawbody (and long body lines)
+MAX_BODY_LINE_LENGTH = 2048
+# Conf.pm's default rawbody_part_scan_size: each part's decoded text is cut there
+RAWBODY_PART_SCAN_SIZE = 500000
 MAX_PARTS = 200
 
 # Node.pm unfolds a header as s/\n[ \t]+/ /: the fold and the white space after it are one space
@@ -875,17 +879,45 @@ class MessageView:
         return out
 
     @cached_property
+    def body_lines(self) -> list[bytes]:
+        """What body rules scan, one item at a time: the paragraphs (one line
+        each in Message::get_body_text_array_common), a line longer than
+        MAX_BODY_LINE_LENGTH (its newline counted) cut as
+        split_into_array_of_short_lines cuts it."""
+        out: list[bytes] = []
+        for para in self.paragraphs:
+            lines = split_short_lines(para + b"\n")
+            lines[-1] = lines[-1][:-1]
+            out += lines
+        return out
+
+    @cached_property
     def body_text(self) -> bytes:
-        """Paragraphs joined with newlines: what body rules scan in one pass."""
-        return b"\n".join(self.paragraphs) + b"\n"
+        """Body lines joined with newlines: what body rules scan in one pass."""
+        return b"\n".join(self.body_lines) + b"\n"
+
+    @cached_property
+    def rawbody_chunks(self) -> list[bytes]:
+        """What rawbody rules scan, one item at a time, as SpamAssassin's
+        Message::get_decoded_body_text_array: each text part decoded (HTML
+        left as is), cut to rawbody_part_scan_size, then split into chunks of
+        2-4 KB (``split_short_paragraphs``).  Parts are not joined: a rule
+        never sees two parts at once, and a chunk holds many lines, so
+        ``\\s`` crosses line ends and ``^`` is the chunk's start only."""
+        out: list[bytes] = []
+        for ctype, text, _ in self._parts:
+            # Bug 4843 in Message.pm: text/calendar parts are attachments, not read
+            if ctype == "text/calendar":
+                continue
+            out += split_short_paragraphs(truncate_scan(_u8(text.replace("\r\n", "\n")),
+                                                        RAWBODY_PART_SCAN_SIZE))
+        return out
 
     @cached_property
     def rawbody_text(self) -> bytes:
-        return _u8("\n".join(t.replace("\r\n", "\n") for _, t, _ in self._parts)) + b"\n"
-
-    @cached_property
-    def rawbody_lines(self) -> list[bytes]:
-        return self.rawbody_text.splitlines(keepends=True)
+        """The rawbody chunks joined: for substring tests (needles) only, a
+        match in a chunk is always in here; regexes run per chunk."""
+        return b"".join(self.rawbody_chunks)
 
     @cached_property
     def full_text(self) -> bytes:
@@ -1114,6 +1146,60 @@ class MessageView:
     @cached_property
     def has_header_body_separator(self) -> bool:
         return b"\n\n" in self.raw or b"\r\n\r\n" in self.raw
+
+
+def truncate_scan(text: bytes, scansize: int) -> bytes:
+    """Message::get_decoded_body_text_array's cut of a part to ``scansize``:
+    at the first newline, else ``>``, else space at or after ``scansize`` if
+    it is within 1 KB, else at ``scansize`` itself."""
+    if not scansize or len(text) <= scansize:
+        return text
+    for sep in (b"\n", b">", b" "):
+        i = text.find(sep, scansize)
+        if i >= 0 and i - scansize <= 1024:
+            return text[:i + 1]
+    return text[:scansize]
+
+
+def split_short_lines(line: bytes) -> list[bytes]:
+    """Message::split_into_array_of_short_lines for one line: pieces of at
+    most MAX_BODY_LINE_LENGTH bytes, each cut after its last space (a space
+    right at MAX_BODY_LINE_LENGTH included, as Perl's rindex finds it), at
+    MAX_BODY_LINE_LENGTH without one."""
+    out = []
+    while len(line) > MAX_BODY_LINE_LENGTH:
+        cut = line.rfind(b" ", 0, MAX_BODY_LINE_LENGTH + 1) + 1 or MAX_BODY_LINE_LENGTH
+        out.append(line[:cut])
+        line = line[cut:]
+    out.append(line)
+    return out
+
+
+def split_short_paragraphs(text: bytes) -> list[bytes]:
+    """Message::split_into_array_of_short_paragraphs, boundary for boundary
+    (rule hits depend on them): text up to MAX_BODY_LINE_LENGTH is one
+    chunk; longer text is cut after the first newline, else ``>``, else
+    space at or after MAX_BODY_LINE_LENGTH bytes into the chunk, provided
+    the chunk stays within twice that, else at MAX_BODY_LINE_LENGTH; the
+    rest (up to twice the length) is the last chunk."""
+    n = len(text)
+    if n <= MAX_BODY_LINE_LENGTH:
+        return [text]
+    out = []
+    ofs = 0
+    limit = 2 * MAX_BODY_LINE_LENGTH
+    while n - ofs > limit:
+        for sep in (b"\n", b">", b" "):
+            j = text.find(sep, ofs + MAX_BODY_LINE_LENGTH)
+            if j >= 0 and j - ofs + 1 <= limit:
+                break
+        else:
+            j = ofs + MAX_BODY_LINE_LENGTH
+        out.append(text[ofs:j + 1])
+        ofs = j + 1
+    if ofs < n:
+        out.append(text[ofs:])
+    return out
 
 
 def _one_hop(relay: dict):

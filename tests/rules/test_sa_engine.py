@@ -284,3 +284,50 @@ def test_nosubject_body_rules_skip_the_subject_line(use_prefilter):
     assert set(engine.run(MessageView(msg("Subject: Cheap watches", "")))) == {"EMPTY"}
     hits = engine.run(MessageView(msg("Subject: Cheap watches", "buy watches\n")))
     assert {"__NONEMPTY", "SUBJ_WORD"} <= set(hits) and "EMPTY" not in hits
+
+
+# rawbody rules see SpamAssassin's chunks (Message::get_decoded_body_text_array):
+# a whole part up to 2 KB, longer ones cut at a newline / ">" / space.
+EDGE = msg("Subject: s", "x" * 2048 + ">START" + "y" * 3000, ctype="text/html")  # chunks: 2049 + 3005
+
+
+@pytest.mark.parametrize("use_prefilter", [True, False])
+@pytest.mark.parametrize("rule, raw, hit", [
+    # 72_active.cf __CONTENT_AFTER_HTML: \s crosses the line ends inside a chunk
+    ("rawbody R /<\\/html>\\s*[a-z0-9]/i", msg("Subject: s", "<html><b>x</b></html>\n\nBuy now\n",
+                                                ctype="text/html"), True),
+    ("rawbody R /<\\/html>\\s*[a-z0-9]/i", msg("Subject: s", "<html><b>x</b></html>\n\n", ctype="text/html"),
+     False),
+    ("rawbody R /^START/", EDGE, True),  # ^ is a chunk's start (here after the ">" cut)...
+    ("rawbody R /^<b>x/", msg("Subject: s", "<html>\n<b>x</b></html>\n", ctype="text/html"), False),  # ...only
+    ("rawbody R /^<b>x/m", msg("Subject: s", "<html>\n<b>x</b></html>\n", ctype="text/html"), True),
+    ("rawbody R /x>START/", EDGE, False),  # a match cannot span two chunks
+    ("rawbody R /y$/", EDGE, True),  # $ is the chunk's end
+])
+def test_rawbody_rules_match_spamassassin_chunks(rule, raw, hit, use_prefilter):
+    rs = load_text(rule)
+    engine = Engine(rs, use_prefilter=use_prefilter)
+    if use_prefilter:
+        assert "R" in engine.prefilters["rawbody"].covered  # the prefilter is exercised, per chunk
+    assert ("R" in engine.run(MessageView(raw))) is hit
+
+
+def test_rawbody_multiple_counts_over_all_chunks():
+    rs = load_text("rawbody R /<td>/\ntflags R multiple\n")
+    raw = msg("Subject: s", "<td>x</td>" * 1000, ctype="text/html")
+    assert Engine(rs).run(MessageView(raw))["R"] == 1000
+
+
+LONG = msg("Subject: s", "word " * 409 + "START " + "word " * 500 + "\n")  # 2045 bytes, then a cut
+
+
+@pytest.mark.parametrize("use_prefilter", [True, False])
+@pytest.mark.parametrize("rule, hit", [
+    ("body R /^START word/", True),  # a body line cut at 2 KB starts a new line...
+    ("body R /word START/", False),  # ...which no match spans
+    ("body R /^word word/", True),
+])
+def test_body_rules_see_long_paragraphs_cut_into_lines(rule, hit, use_prefilter):
+    assert MessageView(LONG).body_lines[2].startswith(b"START ")
+    engine = Engine(load_text(rule), use_prefilter=use_prefilter)
+    assert ("R" in engine.run(MessageView(LONG))) is hit

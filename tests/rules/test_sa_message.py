@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rules.sa.message import MessageView, name_to_rgb, parse_css_background
+from rules.sa.message import (MessageView, name_to_rgb, parse_css_background, split_short_lines,
+                              split_short_paragraphs, truncate_scan)
 
 RAW = (
     b"Received: from a.test by mx.test; Sat, 28 Nov 2026 12:00:00 +0000\r\n"
@@ -130,3 +131,67 @@ def test_all_trusted_and_all_external_split_at_the_trust_boundary():
     assert trusted.startswith("X-Top: 1\n") and "a.example" in trusted and "X-Low" not in trusted
     assert external.startswith("Received: from a.example") and "X-Low: 3" in external and "X-Mid" not in external
     assert v.header("ALL-UNTRUSTED") == v.header("ALL-EXTERNAL")
+
+
+# Chunk lengths from SpamAssassin 4.0.1 itself:
+# perl -MMail::SpamAssassin::Message -e 'print join ",", map length,
+#   Mail::SpamAssassin::Message::split_into_array_of_short_paragraphs($text)'
+@pytest.mark.parametrize("text, lengths", [
+    (b"a" * 2048, [2048]),  # up to MAX_BODY_LINE_LENGTH: one chunk
+    (b"a" * 5000, [2049, 2951]),  # no separator: cut after 2048 bytes, the rest (<= 4096) last
+    (b"".join([b"x" * 99 + b"\n"] * 60), [2100, 3900]),  # after the first newline past 2048
+    ((b"<td>" + b"y" * 40 + b"</td>") * 150, [2058, 2058, 3234]),  # no newline: after a ">"
+    (b" ".join([b"word"] * 2000), [2050, 2050, 2050, 3849]),  # no newline or ">": after a space
+    (b"z" * 3000 + b">" + b"z" * 3000 + b"\n" + b"q" * 100 + b"\n", [3001, 3102]),  # newline too far
+    (b"b" * 5000 + b"\n" + b"c" * 10, [2049, 2962]),
+])
+def test_split_short_paragraphs_cuts_where_spamassassin_does(text, lengths):
+    chunks = split_short_paragraphs(text)
+    assert [len(c) for c in chunks] == lengths
+    assert b"".join(chunks) == text
+
+
+def test_truncate_scan_cuts_at_a_boundary_within_1k():
+    assert truncate_scan(b"abc", 10) == b"abc"
+    assert truncate_scan(b"a" * 20 + b">" + b"\n" + b"b" * 10, 10) == b"a" * 20 + b">\n"  # newline first
+    assert truncate_scan(b"a" * 20 + b">b c" + b"d" * 10, 10) == b"a" * 20 + b">"
+    assert truncate_scan(b"a" * 20 + b" " + b"b" * 2000, 10) == b"a" * 20 + b" "
+    assert truncate_scan(b"a" * 2000 + b"\n", 10) == b"a" * 10  # separator more than 1 KB away
+
+
+def test_rawbody_chunks_are_per_part_and_skip_calendars():
+    raw = (b"Subject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: text/plain\r\n\r\nline one\r\nline two\r\n"
+           b"--B\r\nContent-Type: text/calendar\r\n\r\nBEGIN:VCALENDAR\r\n"
+           b"--B\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"PGh0bWw+PGJvZHk+aGk8L2JvZHk+PC9odG1sPg0KDQpCdXkgbm93DQo=\r\n--B--\r\n")
+    v = MessageView(raw)
+    # the lines of a part are one chunk (CRLF made LF, the one before a boundary is the
+    # boundary's, as Message.pm chomps it); parts are never joined
+    assert v.rawbody_chunks == [b"line one\nline two", b"<html><body>hi</body></html>\n\nBuy now\n"]
+    big = MessageView(b"Subject: s\r\nContent-Type: text/html\r\n\r\n" + b"<td>x</td>" * 1000)
+    assert [len(c) for c in big.rawbody_chunks] == [2050, 2050, 2050, 3850]
+
+
+# Piece lengths from SpamAssassin 4.0.1's Message::split_into_array_of_short_lines
+@pytest.mark.parametrize("line, lengths", [
+    (b"a" * 2048, [2048]),
+    (b"a" * 2049, [2048, 1]),  # no space: cut at MAX_BODY_LINE_LENGTH
+    (b"w" * 2047 + b" " + b"v" * 10, [2048, 10]),  # after the last space
+    (b"w" * 2048 + b" " + b"v" * 10, [2049, 10]),  # a space right at 2048 is still found (rindex)
+    (b" ".join([b"word"] * 1000) + b"\n", [2045, 2045, 910]),
+    (b"x" * 5000 + b"\n", [2048, 2048, 905]),
+])
+def test_split_short_lines_cuts_where_spamassassin_does(line, lengths):
+    pieces = split_short_lines(line)
+    assert [len(p) for p in pieces] == lengths
+    assert b"".join(pieces) == line
+
+
+def test_body_lines_cut_long_paragraphs():
+    para = " ".join(["word"] * 1000)
+    v = MessageView(b"Subject: s\r\nContent-Type: text/plain\r\n\r\nshort\r\n\r\n" + para.encode() + b"\r\n")
+    assert v.paragraphs == [b"s", b"short", para.encode()]
+    # the paragraph's newline counts towards the cut, as in SpamAssassin's line
+    assert [len(line) for line in v.body_lines] == [1, 5, 2045, 2045, 909]
+    assert v.body_text == b"\n".join(v.body_lines) + b"\n"

@@ -53,6 +53,19 @@ def test_a_pattern_that_cannot_match_is_not_a_candidate():
     assert pf.candidates(b"VIAGRA and abababx") == {"A", "B"}
 
 
+def test_line_start_patterns_sharing_a_database_are_not_missed():
+    # 72_active.cf __HAS_HREF next to __HAS_IMG_SRC_DATA: with their ^ anchors
+    # Hyperscan found neither in this text, so MIXED_HREF_CASE was lost
+    text = b"-ice cream00-->ssle\n<p>\n\n<A href=>\n"
+    href, img = rb"^[^>].*?<a href=", rb"^[^>].*?<img src=['\"]data"
+    assert re.search(href, text, re.I | re.M)
+    pf = build([Pattern("__HAS_HREF", href, re.I | re.M), Pattern("__HAS_IMG_SRC_DATA", img, re.I | re.M)])
+    assert pf.covered == {"__HAS_HREF", "__HAS_IMG_SRC_DATA"}
+    assert pf.candidates(text) == {"__HAS_HREF"}
+    assert hs_expression(rb"(?:^|\s)a[\^^]\^", drop_line_starts=True) == rb"(?:|\s)a[\^^]\^"
+    assert hs_expression(rb"^a") == rb"^a"  # single-line anchors are kept
+
+
 def test_hs_expression_escapes_bytes_and_widens_large_repeats():
     assert hs_expression(b"caf\xe9\\\xe9\x00") == b"caf\\xe9\\xe9\\x00"
     # repeats of a group always, of a byte or class above the limit
