@@ -26,6 +26,32 @@ timeout for the other.
 The dashboard is cheap because it reads a small table of per-hour counts
 (by action, symbol, refused client, refused sender domain) that the writer
 keeps as messages are written, instead of grouping millions of messages.
+The per-hour table holds every refused client of every hour (~100k distinct
+ones a month on a busy gateway), so the top lists over whole days read a
+per-day rollup instead (``daily_top``): for each finished UTC day the top
+``top_per_day`` keys of each kind plus one "other" row (key ""), made by the
+writer's timer (``rollup``).  Totals and per-hour counts by action always
+come from the per-hour table: exact.  The top lists are exact for the hours
+read from the per-hour table (partial days at the edges of the range, days
+not rolled up yet); over rolled-up days a key's count is what it had in the
+days where it was among that day's top ``top_per_day``: a lower bound, exact
+when it was in every day's top (always, for a kind with no more distinct keys
+a day than ``top_per_day``, e.g. the symbols).  A fact written late for a
+rolled-up day (the hourly count changes) drops that day's rollup; the next
+timer rolls it up again.
+
+Text search (``search(text=...)``) is a substring search, any case, of the
+Subject: on SQLite an FTS5 table with the trigram tokenizer (SQLite >= 3.34)
+kept in sync by triggers on ``messages`` (so every writer, even a prune or a
+process of the previous version, keeps it); on PostgreSQL a pg_trgm GIN
+index.  Only the Subject: the sender and the recipients have their own exact
+(indexed) searches, and indexing them too more than doubled the writer's
+cost per message in tools/bench_monitor.py (each trigram is an index entry;
+226 us against 107 with the Subject alone, 103 without).  Without them (an
+old SQLite, a server without pg_trgm) the same search is an unindexed scan,
+said once in the log.  A
+trigram index cannot answer fewer than 3 characters: such a search scans
+only the last ``SHORT_TEXT_WINDOW`` seconds of the range asked for.
 """
 
 from __future__ import annotations
@@ -48,6 +74,22 @@ BUSY_TIMEOUT_MS = 10000  # how long a writer waits for the other process's trans
 CHUNK = 500  # rows per IN (...) list and per prune DELETE: bounded statements, short locks
 REFUSED = ("reject", "tempfail")
 FIRST_PRUNE = 60.0  # seconds after start: a gateway restarted often still prunes
+DAY = 86400
+TOP_KINDS = ("symbol", "refused_client", "refused_domain")  # the kinds the dashboard lists a top of
+OTHER = ""  # daily_top's key for the sum of the keys below a day's top (no real key is empty)
+ROLLUP_GRACE = 3600.0  # a day is rolled up an hour after it ends: facts arriving late are in by then
+ROLLUP_INTERVAL = 600.0  # how often the writer looks for finished days to roll up
+SHORT_TEXT_WINDOW = 86400.0  # a text search of < 3 characters (no trigram) scans this much of the range
+MIN_TRIGRAM = 3
+FTS_TRIGGERS = {  # external-content FTS5: the triggers give it the old values to delete
+    "messages_fts_ai": "AFTER INSERT ON messages BEGIN INSERT INTO messages_fts(rowid, subject) "
+                       "VALUES (new.id, new.subject); END",
+    "messages_fts_ad": "AFTER DELETE ON messages BEGIN INSERT INTO messages_fts(messages_fts, rowid, subject) "
+                       "VALUES ('delete', old.id, old.subject); END",
+    "messages_fts_au": "AFTER UPDATE OF subject ON messages BEGIN "
+                       "INSERT INTO messages_fts(messages_fts, rowid, subject) VALUES ('delete', old.id, old.subject); "
+                       "INSERT INTO messages_fts(rowid, subject) VALUES (new.id, new.subject); END",
+}
 
 
 def _schema():
@@ -186,6 +228,15 @@ def _schema():
         Column("key", String(512), primary_key=True),
         Column("count", Integer, nullable=False),
     )
+    # the per-day rollup of the TOP_KINDS (see the module docstring) and the days it holds
+    Table(
+        "daily_top", md,
+        Column("kind", String(16), primary_key=True),
+        Column("day_ts", Integer, primary_key=True),
+        Column("key", String(512), primary_key=True),
+        Column("count", Integer, nullable=False),
+    )
+    Table("rolled_days", md, Column("day_ts", Integer, primary_key=True))
     return md, {t.name: t for t in md.sorted_tables}
 
 
@@ -197,6 +248,10 @@ _TRACKED = frozenset((ev.MessageAnswered, ev.ClientGone, ev.StageRefused, ev.Spo
 
 def _hour(ts: float) -> int:
     return int(ts // HOUR) * HOUR
+
+
+def _day(ts: float) -> int:
+    return int(ts // DAY) * DAY
 
 
 def _domain(address: str) -> str:
@@ -234,7 +289,7 @@ class TrackingStore:
                  quarantine_retention: float = 14 * 86400.0, batch_size: int = 500,
                  batch_interval: float = 0.5, max_pending: int = 100000, prune_interval: float = 3600.0,
                  clock: Callable[[], float] = time.time, describe: Optional[Callable[[str], str]] = None,
-                 prune_on_timer: bool = True):
+                 prune_on_timer: bool = True, top_per_day: int = 100):
         from sqlalchemy import create_engine, event
 
         if url.startswith("postgresql://"):  # psycopg 3, not SQLAlchemy's default psycopg2
@@ -247,7 +302,10 @@ class TrackingStore:
         self.batch_interval = batch_interval
         self.max_pending = max_pending
         self.prune_interval = prune_interval
-        self.prune_on_timer = prune_on_timer
+        self.prune_on_timer = prune_on_timer  # and roll up on the same timer thread
+        self.top_per_day = top_per_day
+        self.text_index: Optional[str] = None  # "fts5", "pg_trgm", or None: text search scans; set by ensure_schema
+        self._next_rollup: Optional[float] = None
         self.clock = clock
         # symbol name -> its declared one-line description (gateway.plugins.SymbolTable.description)
         self.describe = describe
@@ -325,12 +383,61 @@ class TrackingStore:
             with open(os.path.abspath(path) + ".schema-lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self.metadata.create_all(self.engine)
+                self._create_fts()
             return
         from sqlalchemy import text
 
         with self.engine.begin() as conn:  # the advisory lock ends with this transaction
             conn.execute(text("SELECT pg_advisory_xact_lock(7316520)"))  # any constant: "mailgate schema"
             self.metadata.create_all(conn)
+            self._create_trgm(conn)
+
+    def _create_fts(self) -> None:
+        """The FTS5 trigram table and its triggers, if missing; filled from the
+        messages already there when the table is new (a store of the previous
+        version).  Under the schema lock."""
+        import sqlite3
+
+        from sqlalchemy.exc import OperationalError
+
+        if sqlite3.sqlite_version_info < (3, 34, 0):
+            log.warning("tracking: SQLite %s has no trigram tokenizer (3.34+): text search scans the messages",
+                        sqlite3.sqlite_version)
+            return
+        try:
+            with self.engine.begin() as conn:
+                have = {r[0] for r in conn.exec_driver_sql(
+                    "SELECT name FROM sqlite_master WHERE name = 'messages_fts' OR name LIKE 'messages_fts_a_'")}
+                if "messages_fts" not in have:
+                    conn.exec_driver_sql(
+                        "CREATE VIRTUAL TABLE messages_fts USING fts5(subject, content='messages', "
+                        "content_rowid='id', tokenize='trigram', columnsize=0)")
+                    conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")  # the backfill
+                for name, body in FTS_TRIGGERS.items():
+                    if name not in have:
+                        conn.exec_driver_sql(f"CREATE TRIGGER {name} {body}")
+        except OperationalError as e:  # e.g. built without FTS5
+            log.warning("tracking: no FTS5 trigram index (%s): text search scans the messages",
+                        str(e).splitlines()[0][:200])
+            return
+        self.text_index = "fts5"
+
+    def _create_trgm(self, conn) -> None:
+        """pg_trgm and the GIN index on the searched text, if the server has
+        the extension (CREATE EXTENSION needs the right; a DBA may have done it)."""
+        from sqlalchemy import text
+        from sqlalchemy.exc import DBAPIError
+
+        try:
+            with conn.begin_nested():  # a refusal must not abort the schema's transaction
+                conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_trgm"))
+        except DBAPIError as e:
+            log.warning("tracking: PostgreSQL has no pg_trgm (%s): text search scans the messages",
+                        str(e.orig).splitlines()[0][:200] if e.orig else e)
+            return
+        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_messages_subject_trgm ON messages "
+                          "USING gin (subject gin_trgm_ops)"))
+        self.text_index = "pg_trgm"
 
     # --- writing: the subscriber and the writer thread ------------------------------
 
@@ -418,6 +525,7 @@ class TrackingStore:
             self._wake.clear()
             self._drain()
             self._maybe_prune()
+            self._maybe_rollup()
             if self._closing and not self._pending:
                 return
 
@@ -479,6 +587,53 @@ class TrackingStore:
                 log.info("tracking: pruned %d entries", removed)
         except SQLAlchemyError as e:
             log.error("tracking: prune failed: %s", str(e).splitlines()[0][:300])
+
+    def _maybe_rollup(self) -> None:
+        if not self.prune_on_timer:
+            return
+        now = self.clock()
+        if self._next_rollup is not None and now < self._next_rollup:
+            return
+        self._next_rollup = now + ROLLUP_INTERVAL
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            self.rollup(now)
+        except SQLAlchemyError as e:  # e.g. the other process rolled the same day up first: the next timer
+            log.warning("tracking: daily rollup failed: %s", str(e).splitlines()[0][:300])
+
+    def rollup(self, now: float) -> int:
+        """Rolls up every finished day within the retention that is not yet
+        (the top ``top_per_day`` keys of each TOP_KINDS plus "other"); one
+        short transaction per day.  Returns how many days it rolled up."""
+        from sqlalchemy import func, select
+
+        self.ensure_schema()
+        h, d, rd = self.t["hourly"], self.t["daily_top"], self.t["rolled_days"]
+        first, last = _day(now - self.retention), _day(now - ROLLUP_GRACE) - DAY  # last: the last finished day
+        with self.engine.connect() as conn:
+            done = {r[0] for r in conn.execute(select(rd.c.day_ts).where(rd.c.day_ts >= first))}
+        rolled = 0
+        for day in range(first, last + 1, DAY):
+            if day in done:
+                continue
+            with self.engine.begin() as conn:
+                rows = []
+                for kind in TOP_KINDS:
+                    total = func.sum(h.c.count)
+                    counts = conn.execute(
+                        select(h.c.key, total).where(h.c.kind == kind, h.c.hour_ts >= day, h.c.hour_ts < day + DAY)
+                        .group_by(h.c.key).having(total > 0).order_by(total.desc(), h.c.key)).all()
+                    top = counts[:self.top_per_day]
+                    rows.extend({"kind": kind, "day_ts": day, "key": k, "count": int(n)} for k, n in top)
+                    other = sum(int(n) for _, n in counts[self.top_per_day:])
+                    if other:
+                        rows.append({"kind": kind, "day_ts": day, "key": OTHER, "count": other})
+                if rows:
+                    self._executemany(conn, d.insert(), rows)
+                conn.execute(rd.insert().values(day_ts=day))
+            rolled += 1
+        return rolled
 
     # --- event -> records (on the emitting thread: cheap, a snapshot) ---------------
 
@@ -681,6 +836,12 @@ class TrackingStore:
         if audit:
             self._executemany(conn, t["audit"].insert(), audit)
         rows = [{"kind": k, "hour_ts": h, "key": key[:512], "count": n} for (k, h, key), n in deltas.items() if n]
+        today = _day(self.clock())
+        stale = {_day(r["hour_ts"]) for r in rows if r["kind"] in TOP_KINDS and r["hour_ts"] < today}
+        if stale:  # a late fact for a day that may be rolled up: that day is rolled up again
+            d, rd = t["daily_top"], t["rolled_days"]
+            conn.execute(d.delete().where(d.c.day_ts.in_(sorted(stale))))
+            conn.execute(rd.delete().where(rd.c.day_ts.in_(sorted(stale))))
         if rows:
             h = t["hourly"]
             stmt, rows = self._upsert(h, rows, ["kind", "hour_ts", "key"],
@@ -739,7 +900,10 @@ class TrackingStore:
                limit: int = 100, offset: int = 0) -> list[dict]:
         """Newest first.  ``sender``/``recipient``: a whole address, or a domain
         as "example.test" or "@example.test".  ``text``: part of the
-        Subject, any case (not indexed: a scan from the newest that stops at the limit)."""
+        Subject, any case (see the module
+        docstring); of fewer than 3 characters it can use no trigram index,
+        so it looks only at the last ``SHORT_TEXT_WINDOW`` seconds of the
+        range (``until``, or now, back): a bounded scan."""
         from sqlalchemy import select
 
         m, r = self.t["messages"], self.t["recipients"]
@@ -786,15 +950,37 @@ class TrackingStore:
             q = q.where(m.c.client == client.strip())
         if action:
             q = q.where(m.c.action == action.strip().lower())
-        if text:
-            # part of the Subject (the other fields have exact searches); SQLite's
-            # LIKE ignores ASCII case by itself, and lower() would cost a call per row
-            like = f"%{_escape_like(text.strip())}%"
-            q = q.where(m.c.subject.like(like, escape="\\") if self.is_sqlite else
-                        m.c.subject.ilike(like, escape="\\"))
+        text = (text or "").strip()
+        if text and len(text) < MIN_TRIGRAM:
+            end = until if until is not None else self.clock()
+            q = q.where(m.c.ts >= end - SHORT_TEXT_WINDOW)
         q = q.order_by(order_ts.desc()).limit(max(0, int(limit))).offset(max(0, int(offset)))
         with self._conn() as conn:
+            if text:
+                q = self._text_filter(conn, q, text)
             return [_summary(row._mapping) for row in conn.execute(q)]
+
+    FTS_PROBE = 5000  # matches beyond which a text is "common": walk the ts index instead
+
+    def _text_filter(self, conn, q, text: str):
+        from sqlalchemy import text as sql
+
+        m = self.t["messages"]
+        like = f"%{_escape_like(text)}%"
+        if self.text_index == "fts5" and len(text) >= MIN_TRIGRAM:
+            phrase = '"' + text.replace('"', '""') + '"'  # one phrase of trigrams: a substring
+            hits = sql("SELECT rowid FROM messages_fts WHERE messages_fts MATCH :fts").bindparams(fts=phrase)
+            n = conn.exec_driver_sql("SELECT count(*) FROM (SELECT rowid FROM messages_fts WHERE messages_fts "
+                                     "MATCH ? LIMIT ?)", (phrase, self.FTS_PROBE)).scalar()
+            if n < self.FTS_PROBE:
+                # a rare text: its few rows, then sorted (a walk of the ts index would check them all)
+                return q.where(m.c.id.in_(list(conn.execute(hits).scalars())) if n else m.c.id.is_(None))
+            # common: the newest ones come soon in the ts index; "+ 0" keeps SQLite from driving the
+            # query by the (rowid) IN list instead, which would fetch and sort every match
+            return q.where((m.c.id + 0).in_(hits))
+        # SQLite's LIKE ignores ASCII case by itself; on PostgreSQL pg_trgm's GIN index answers ILIKE
+        return q.where(m.c.subject.like(like, escape="\\") if self.is_sqlite else
+                       m.c.subject.ilike(like, escape="\\"))
 
     def _summary_cols(self):
         m = self.t["messages"]
@@ -842,16 +1028,37 @@ class TrackingStore:
         """From the per-hour counts: hours that start in [since, until)."""
         from sqlalchemy import func, select
 
-        h = self.t["hourly"]
+        from sqlalchemy import and_, or_, union_all
+
+        h, dt, rd = self.t["hourly"], self.t["daily_top"], self.t["rolled_days"]
         lo, hi = _hour(since), until
 
         def top(kind: str, n: int = 10):
-            total = func.sum(h.c.count)
-            q = (select(h.c.key, total.label("n")).where(h.c.kind == kind, h.c.hour_ts >= lo, h.c.hour_ts < hi)
-                 .group_by(h.c.key).having(total > 0).order_by(total.desc(), h.c.key).limit(n))
+            # whole rolled-up days from daily_top, every other hour from hourly
+            parts = [select(h.c.key, h.c.count).where(h.c.kind == kind, or_(
+                *[and_(h.c.hour_ts >= a, h.c.hour_ts < b) for a, b in segments]))] if segments else []
+            if days:
+                parts.append(select(dt.c.key, dt.c.count).where(dt.c.kind == kind, dt.c.day_ts.in_(days),
+                                                                dt.c.key != OTHER))
+            if not parts:
+                return []
+            u = (union_all(*parts) if len(parts) > 1 else parts[0]).subquery()
+            total = func.sum(u.c.count)
+            q = select(u.c.key, total.label("n")).group_by(u.c.key).having(total > 0).order_by(
+                total.desc(), u.c.key).limit(n)
             return [(k, int(c)) for k, c in conn.execute(q)]
 
         with self._conn() as conn:
+            first = -(-lo // DAY) * DAY
+            days = sorted(r[0] for r in conn.execute(select(rd.c.day_ts).where(
+                rd.c.day_ts >= first, rd.c.day_ts + DAY <= hi)))
+            segments, start = [], lo  # [lo, hi) less the rolled-up days
+            for day in days:
+                if day > start:
+                    segments.append((start, day))
+                start = day + DAY
+            if start < hi:
+                segments.append((start, hi))
             per_hour = [{"hour_ts": int(r.hour_ts), "action": r.key, "count": int(r.count)} for r in conn.execute(
                 select(h.c.hour_ts, h.c.key, h.c.count)
                 .where(h.c.kind == "action", h.c.hour_ts >= lo, h.c.hour_ts < hi, h.c.count > 0)
@@ -932,8 +1139,10 @@ class TrackingStore:
                 if n < CHUNK:
                     break
         h = t["hourly"]
-        with self.engine.begin() as conn:  # hours that ended before the cutoff
+        with self.engine.begin() as conn:  # hours (days) that ended before the cutoff
             conn.execute(h.delete().where(h.c.hour_ts + HOUR <= cutoff))
+            conn.execute(t["daily_top"].delete().where(t["daily_top"].c.day_ts + DAY <= cutoff))
+            conn.execute(t["rolled_days"].delete().where(t["rolled_days"].c.day_ts + DAY <= cutoff))
         return removed
 
     # --- for the metrics and the bench ----------------------------------------------

@@ -34,10 +34,10 @@ class Clock:
 def make_store(request, tmp_path):
     made = []
 
-    def make(**kw):
-        if request.param == "sqlite":
+    def make(url=None, **kw):  # url: another store on the same database
+        if url is None and request.param == "sqlite":
             url = f"sqlite:///{tmp_path}/t{len(made)}.sqlite"
-        else:
+        elif url is None:
             url = request.getfixturevalue("postgres").create_database()
         kw.setdefault("clock", Clock())
         kw.setdefault("batch_interval", 0.05)
@@ -211,6 +211,111 @@ def test_client_gone_is_tracked_as_dropped(make_store):
     assert row["action"] == "dropped" and "nothing queued" in row["reply"]
 
 
+def fts_consistent(store):
+    """SQLite: FTS5's own check of the index against the messages (raises if they differ)."""
+    if store.is_sqlite:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+
+
+def test_text_search_is_an_indexed_substring_search_kept_in_sync(make_store):
+    store = make_store(retention=10 * 86400)
+    clock = store.clock
+    assert store.search() == [] and store.text_index == ("fts5" if store.is_sqlite else "pg_trgm")
+    emit(store, clock,
+         (T0 - 20 * 86400, answered("OLD", subject="Quarterly transfer report")),
+         (T0 - 3 * 86400, answered("MID", subject="The answer is 42")),
+         (T0 + 10, answered("Q1", subject="Invoice 42 overdue")),
+         (T0 + 20, answered("Q2", subject="Cheap PILLS now")),
+         (T0 + 30, answered("Q3", subject=None)))
+
+    def ids(**kw):
+        return [r["queue_id"] for r in store.search(**kw)]
+
+    assert ids(text="nvoice 4") == ["Q1"]  # a substring, across words
+    assert ids(text="pills") == ["Q2"] == ids(text="ILLS N") == ids(text="  cheap ")
+    assert ids(text="transfer") == ["OLD"]
+    assert ids(text="answer is 42") == ["MID"]  # 3+ characters: the whole range
+    assert ids(text="50% off") == [] and ids(text='"quoted"') == []
+    # fewer than 3 characters: only the last day of the range is scanned
+    assert ids(text="42") == ["Q1"]
+    assert ids(text="42", until=T0 - 3 * 86400 + 60) == ["MID"]
+    assert ids(text="is", since=T0 - 4 * 86400) == []  # "is" is in MID, older than a day before now
+    assert ids(text="nvoice", since=T0 + 15) == [] and ids(text="nvoice", until=T0 + 15) == ["Q1"]
+    fts_consistent(store)
+
+    # a new message, and a refusal whose message gets its Subject later (an update)
+    emit(store, clock, (T0 + 40, answered("Q4", subject="Another invoice")),
+         (T0 + 50, ev.StageRefused(session(qid="R1"), envelope("R1"), "rcpt", Reply(450, "4.2.0", "later"),
+                                   rcpt="x@example.test")))
+    assert ids(text="invoice") == ["Q4", "Q1"]
+    assert ids(text="late subj") == []
+    emit(store, clock, (T0 + 51, answered("R1", subject="Late subject")))
+    assert ids(text="late subj") == ["R1"]
+    fts_consistent(store)
+
+    assert store.prune(T0) == 1  # OLD goes, and with it its text
+    assert ids(text="transfer") == []
+    fts_consistent(store)
+
+
+def test_a_common_text_walks_the_time_index_newest_first(make_store):
+    store = make_store(batch_size=2000)
+    store.FTS_PROBE = 5  # "common" after 5 matches, without writing thousands
+    clock = store.clock
+    emit(store, clock, *[(T0 + i, answered(f"C{i}", subject=f"weekly digest {i}")) for i in range(12)])
+    assert [r["queue_id"] for r in store.search(text="DIGEST", limit=3)] == ["C11", "C10", "C9"]
+    assert [r["queue_id"] for r in store.search(text="digest 1", limit=3)] == ["C11", "C10", "C1"]
+    assert len(store.search(text="weekly")) == 12
+
+
+def test_a_store_of_the_previous_version_gets_the_new_indexes_and_tables(make_store):
+    from sqlalchemy import inspect
+
+    old = make_store()
+    emit(old, old.clock, (T0 + 10, answered("Q1", subject="Invoice 42")),
+         (T0 + 20, answered("Q2", Action.REJECT, 20, ip="203.0.113.9", subject="Pills")))
+    old.close()
+    with old.engine.begin() as conn:  # what the previous version had not
+        if old.is_sqlite:
+            for name in ("messages_fts_ai", "messages_fts_ad", "messages_fts_au"):
+                conn.exec_driver_sql(f"DROP TRIGGER {name}")
+            conn.exec_driver_sql("DROP TABLE messages_fts")
+        else:
+            conn.exec_driver_sql("DROP INDEX ix_messages_subject_trgm")
+        conn.exec_driver_sql("DROP TABLE daily_top")
+        conn.exec_driver_sql("DROP TABLE rolled_days")
+    old.engine.dispose()
+    store = make_store(url=old.url)
+    assert [r["queue_id"] for r in store.search(text="NVOICE")] == ["Q1"]  # backfilled from the rows there
+    assert store.text_index == ("fts5" if store.is_sqlite else "pg_trgm")
+    fts_consistent(store)
+    names = set(inspect(store.engine).get_table_names())
+    assert {"daily_top", "rolled_days"} <= names
+    if not store.is_sqlite:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_indexes WHERE indexname = "
+                                        "'ix_messages_subject_trgm'").scalar() == 1
+    assert store.dashboard(T0, T0 + 3600)["top_refused_clients"] == [("203.0.113.9", 1)]
+
+
+def test_without_a_trigram_tokenizer_text_search_scans_and_says_so_once(tmp_path, monkeypatch, caplog):
+    import sqlite3 as sqlite
+
+    monkeypatch.setattr(sqlite, "sqlite_version_info", (3, 31, 1))
+    store = TrackingStore(f"sqlite:///{tmp_path}/t.sqlite", clock=Clock(), batch_interval=0.05, prune_on_timer=False)
+    try:
+        with caplog.at_level("WARNING", logger="mailgate.tracking"):
+            emit(store, store.clock, (T0 + 10, answered("Q1", subject="Invoice 42")))
+            assert [r["queue_id"] for r in store.search(text="nvoice")] == ["Q1"]
+            assert [r["queue_id"] for r in store.search(text="voice 4")] == ["Q1"]
+        assert store.text_index is None
+        said = [r.getMessage() for r in caplog.records if "trigram" in r.getMessage()]
+        assert len(said) == 1 and "text search scans the messages" in said[0]
+    finally:
+        store.close()
+
+
 # --- dashboard ----------------------------------------------------------------------------
 
 
@@ -241,6 +346,62 @@ def test_dashboard_counts_per_hour_top_symbols_and_refused(make_store):
     assert d["top_refused_clients"] == [("203.0.113.9", 3), ("203.0.113.50", 1)]
     assert d["top_refused_sender_domains"] == [("bad.test", 3), ("worse.test", 1)]
     assert store.dashboard(T0 + 7200, T0 + 10800)["totals"] == {"accept": 1}
+
+
+DAY0 = int(T0 // 86400) * 86400 - 3 * 86400  # a UTC midnight, three days before T0
+
+
+def refused(qid, ip, ts, sym="RBL_TEST"):
+    e = answered(qid, Action.REJECT, 20, [(sym, 20)], ip=ip, sender=f"x@{ip.rpartition('.')[2]}.bad.test")
+    object.__setattr__(e, "ts", ts)  # written later than it happened: the clock is the writer's
+    return e
+
+
+def test_dashboard_top_lists_over_several_days_from_the_daily_rollup(make_store):
+    store = make_store(top_per_day=2)
+    clock = store.clock
+    a, b, c = "203.0.113.1", "203.0.113.2", "203.0.113.3"
+    per_day = {DAY0 + 13 * 3600: [a, a, a, b, b, c], DAY0 + 86400 + 3600: [c, c, a, b],
+               DAY0 + 2 * 86400 + 7200: [c]}
+    clock.now = DAY0 + 4 * 86400
+    for ts, ips in per_day.items():
+        for i, ip in enumerate(ips):
+            store.offer(refused(f"{ts}-{i}", ip, ts + i))
+    store.offer(answered("OK1"))  # an accepted one: in the counts, not in the refused lists
+    object.__setattr__(store._pending[-1][0], "ts", DAY0 + 86400 + 5)
+    store.flush()
+    span = (DAY0, DAY0 + 3 * 86400)
+
+    before = store.dashboard(*span)
+    assert before["top_refused_clients"] == [(a, 4), (c, 4), (b, 3)]  # exact: all from the per-hour counts
+    assert before["top_refused_sender_domains"] == [("1.bad.test", 4), ("3.bad.test", 4), ("2.bad.test", 3)]
+    assert before["totals"] == {"reject": 11, "accept": 1}
+
+    assert store.rollup(clock.now) >= 3 and store.rollup(clock.now) == 0  # each finished day once
+    after = store.dashboard(*span)
+    # per day only the top 2 are kept: day 0 a3 b2 (c1 in "other"), day 1 c2 a1 (b1: a tie, lost on the
+    # key's order), day 2 c1 -- so b and c are each one short; the counts by hour and action stay exact
+    assert after["top_refused_clients"] == [(a, 4), (c, 3), (b, 2)]
+    assert after["per_hour"] == before["per_hour"] and after["totals"] == before["totals"]
+    assert after["top_symbols"] == before["top_symbols"] == [("RBL_TEST", 11)]  # one symbol: exact
+    with store.engine.connect() as conn:
+        others = conn.exec_driver_sql("SELECT day_ts, count FROM daily_top WHERE kind = 'refused_client' "
+                                      "AND key = '' ORDER BY day_ts").all()
+    assert [tuple(r) for r in others] == [(DAY0, 1), (DAY0 + 86400, 1)]  # each day's sum stays exact
+
+    # a partial day at an edge comes from the per-hour counts: exact there
+    assert store.dashboard(DAY0 + 12 * 3600, DAY0 + 3 * 86400)["top_refused_clients"] == [(a, 4), (c, 4), (b, 2)]
+    assert store.dashboard(DAY0 + 86400, DAY0 + 86400 + 7200)["top_refused_clients"] == [(c, 2), (a, 1), (b, 1)]
+
+    # a fact written late for a rolled-up day: that day is read from the hours until rolled up again
+    store.offer(refused("LATE", b, DAY0 + 86400 + 4000))
+    store.flush()
+    assert store.dashboard(*span)["top_refused_clients"] == [(a, 4), (b, 4), (c, 3)]
+    assert store.rollup(clock.now) == 1
+    assert store.dashboard(*span)["top_refused_clients"] == [(b, 4), (a, 3), (c, 3)]  # day 1: b2 c2 (a1 other)
+
+    store.prune(DAY0 + 40 * 86400)  # the rollup goes with the retention
+    assert store.dashboard(*span)["top_refused_clients"] == [] and store.rollup(DAY0 + 40 * 86400) >= 1
 
 
 # --- quarantine ------------------------------------------------------------------------------
@@ -354,6 +515,23 @@ def test_the_writer_prunes_on_a_timer(make_store):
     while store.search() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.search() == []
+
+
+def test_the_writer_rolls_finished_days_up_on_its_timer(make_store):
+    store = make_store(prune_interval=1, prune_on_timer=True)
+    clock = store.clock
+    emit(store, clock, (DAY0 + 3600, refused("D1", "203.0.113.1", DAY0 + 3600)))
+    clock.now = DAY0 + 2 * 86400  # day 0 is finished (and its grace hour past); the next look rolls it up
+    deadline = time.monotonic() + 30
+    with store.engine.connect() as conn:
+        while time.monotonic() < deadline:
+            days = [r[0] for r in conn.exec_driver_sql("SELECT day_ts FROM rolled_days")]
+            conn.rollback()  # a fresh snapshot each look
+            if DAY0 in days:
+                break
+            time.sleep(0.05)
+    assert DAY0 in days and DAY0 + 86400 not in days
+    assert store.dashboard(DAY0, DAY0 + 86400)["top_refused_clients"] == [("203.0.113.1", 1)]
 
 
 # --- the writer ------------------------------------------------------------------------------------
