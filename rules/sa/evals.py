@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from rules.sa.message import split_short_paragraphs
 from rules.sa.perlre import Unsupported, compile_perl, parse_literal
 
 
@@ -1584,28 +1585,6 @@ _STOCK_WORD = re.compile(
     r"(^trad(?:e|ing)date|company(?:name)?|s\w?(?:t\w?o\w?c\w?k|y\w?m(?:\w?b\w?o\w?l)?)|t(?:arget|icker)"
     r"|(?:opening|current)p(?:rice)?|p(?:rojected|osition)|expectations|weeks?high|marketperformance"
     r"|(?:year|week|month|day|price)(?:target|estimates?)|sector|r(?:ecommendation|ating))$")
-_MAX_BODY_LINE = 2048  # Message.pm MAX_BODY_LINE_LENGTH
-
-
-def _short_paragraphs(text: str) -> list[str]:
-    """Message::split_into_array_of_short_paragraphs: chunks of 2-4 KB cut
-    at a newline, a '>' or a space, so no regex sees a huge line."""
-    n = len(text)
-    if n <= _MAX_BODY_LINE:
-        return [text]
-    out, ofs = [], 0
-    while n - ofs > 2 * _MAX_BODY_LINE:
-        for sep in ("\n", ">", " "):
-            j = text.find(sep, ofs + _MAX_BODY_LINE)
-            if j >= 0 and j - ofs + 1 <= 2 * _MAX_BODY_LINE:
-                break
-        else:
-            j = ofs + _MAX_BODY_LINE
-        out.append(text[ofs:j + 1])
-        ofs = j + 1
-    if ofs < n:
-        out.append(text[ofs:])
-    return out
 
 
 def _stock_info(ctx, args):
@@ -1616,7 +1595,7 @@ def _stock_info(ctx, args):
         kinds: set[str] = set()
         plain = [t for c, t, _ in ctx.view._parts if c == "text/plain"]
         if plain:
-            for chunk in _short_paragraphs(plain[0]):
+            for chunk in split_short_paragraphs(plain[0]):
                 for field_name in _STOCK_FIELD.findall(chunk):
                     word = re.sub(r"[^a-z]", "", field_name.lower())
                     m = _STOCK_WORD.search(word)

@@ -1175,13 +1175,15 @@ def split_short_lines(line: bytes) -> list[bytes]:
     return out
 
 
-def split_short_paragraphs(text: bytes) -> list[bytes]:
+def split_short_paragraphs(text):
     """Message::split_into_array_of_short_paragraphs, boundary for boundary
     (rule hits depend on them): text up to MAX_BODY_LINE_LENGTH is one
     chunk; longer text is cut after the first newline, else ``>``, else
     space at or after MAX_BODY_LINE_LENGTH bytes into the chunk, provided
     the chunk stays within twice that, else at MAX_BODY_LINE_LENGTH; the
-    rest (up to twice the length) is the last chunk."""
+    rest (up to twice the length) is the last chunk.  ``text`` is bytes
+    (rawbody) or str (check_stock_info's rendered text): the chunks are of
+    its type."""
     n = len(text)
     if n <= MAX_BODY_LINE_LENGTH:
         return [text]
@@ -1189,7 +1191,7 @@ def split_short_paragraphs(text: bytes) -> list[bytes]:
     ofs = 0
     limit = 2 * MAX_BODY_LINE_LENGTH
     while n - ofs > limit:
-        for sep in (b"\n", b">", b" "):
+        for sep in (b"\n", b">", b" ") if isinstance(text, bytes) else ("\n", ">", " "):
             j = text.find(sep, ofs + MAX_BODY_LINE_LENGTH)
             if j >= 0 and j - ofs + 1 <= limit:
                 break
