@@ -25,7 +25,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -33,6 +32,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from classifiers.tokenizer import TokenizerSettings, tokenize
+from gateway.atomic import replaced_file
 from gateway.errors import MailGateError
 
 FORMAT = "mailgate-bayes"
@@ -331,8 +331,6 @@ class BayesModel:
 
     def save(self, path: str) -> None:
         """Write atomically: a reader sees the old file or the new one."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         digests = np.frombuffer(b"".join(self._learned.keys()), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
         arrays = {
             "feature_count": self.nb.feature_count_,
@@ -340,24 +338,13 @@ class BayesModel:
             "digests": digests,
             "digest_labels": np.fromiter(self._learned.values(), dtype=np.int8, count=len(self._learned)),
         }
-        fd, tmp = tempfile.mkstemp(prefix=".bayes-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-                    z.writestr("meta.json", json.dumps(self.metadata(), indent=2, sort_keys=True))
-                    for name, arr in arrays.items():
-                        buf = io.BytesIO()
-                        np.save(buf, np.ascontiguousarray(arr, dtype=_ARRAYS[name]), allow_pickle=False)
-                        z.writestr(name + ".npy", buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with replaced_file(path, "wb", prefix=".bayes-", suffix=".tmp") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+                z.writestr("meta.json", json.dumps(self.metadata(), indent=2, sort_keys=True))
+                for name, arr in arrays.items():
+                    buf = io.BytesIO()
+                    np.save(buf, np.ascontiguousarray(arr, dtype=_ARRAYS[name]), allow_pickle=False)
+                    z.writestr(name + ".npy", buf.getvalue())
 
     @classmethod
     def load(cls, path: str, expected: Optional[ModelSettings] = DEFAULT_MODEL_SETTINGS) -> "BayesModel":

@@ -7,11 +7,10 @@ AUTH passwords.  Roles: ``admin`` may change things, ``viewer`` only looks.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 
+from gateway.atomic import replaced_file
 from gateway.errors import ConfigError, MailGateError
 
 ROLES = ("admin", "viewer")
@@ -66,22 +65,8 @@ def add_user(path: str, name: str, role: str, password: str) -> bool:
     users = read_users(path)
     replaced = name in users
     users[name] = WebUser(name, role, hash_password(password))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".web-users-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("# MailGate web console users: name:role:hash (mailgate web adduser NAME)\n")
-            for u in users.values():
-                f.write(f"{u.name}:{u.role}:{u.secret}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with replaced_file(path, "w", prefix=".web-users-", permissions=0o600, encoding="utf-8") as f:
+        f.write("# MailGate web console users: name:role:hash (mailgate web adduser NAME)\n")
+        for u in users.values():
+            f.write(f"{u.name}:{u.role}:{u.secret}\n")
     return replaced
