@@ -95,6 +95,11 @@ class RulesSettings(Section):
     internal_networks: Optional[list[str]] = None
     msa_networks: list[str] = Field(default_factory=list)
 
+    # symbol weights learned from the site's mail (`mailgate fit-scores`), a
+    # [scores] TOML file read by rules/scoring.py ("" = none); [scores] in
+    # the config still overrides it
+    learned_scores: str = ""
+
     @field_validator("trusted_networks", "internal_networks", "msa_networks")
     @classmethod
     def _networks(cls, v):
@@ -106,10 +111,6 @@ class RulesSettings(Section):
         if self.trusted_networks is None and self.internal_networks is None and not self.msa_networks:
             return INFERRED
         return TrustConfig.from_lists(self.trusted_networks, self.internal_networks, self.msa_networks)
-    # symbol weights learned from the site's mail (`mailgate fit-scores`), a
-    # [scores] TOML file read by rules/scoring.py ("" = none); [scores] in
-    # the config still overrides it
-    learned_scores: str = ""
 
     @field_validator("welcomelist_from", "blocklist_from")
     @classmethod
@@ -124,13 +125,15 @@ def rule_dirs(settings: RulesSettings) -> list[str]:
 def load_engine(settings: RulesSettings) -> Engine:
     rs = sa_ruleset.load(rule_dirs(settings))
     owned = owned_rules(rs, settings)
-    if settings.score_set is not None:
-        default, others = settings.score_set, ()
-    else:
-        # the Bayes bit is known per message (a model may be trained or
-        # replaced while we run): both sets of our network bit are prepared
-        default, others = DEFAULT_SCORE_SET, (0, 1, 2, 3)
-    return Engine(rs, default, owned_elsewhere=owned, cache_dir=settings.cache_dir or None, score_sets=others)
+    # unless the config fixes the set, the Bayes bit is known per message (a
+    # model may be trained or replaced while we run): every set is prepared
+    others = () if settings.score_set is not None else (0, 1, 2, 3)
+    return Engine(rs, default_score_set(settings), owned_elsewhere=owned, cache_dir=settings.cache_dir or None, score_sets=others)
+
+
+def default_score_set(settings: RulesSettings) -> int:
+    """The set scores are reported in when no message picks one: the config's, else SpamAssassin's default."""
+    return DEFAULT_SCORE_SET if settings.score_set is None else settings.score_set
 
 
 def owned_rules(rs, settings: RulesSettings) -> set:
@@ -338,7 +341,7 @@ class SaRules(Check):
         else:
             rs = sa_ruleset.load(rule_dirs(settings))
             owned = owned_rules(rs, settings)
-        score_set = DEFAULT_SCORE_SET if settings.score_set is None else settings.score_set
+        score_set = default_score_set(settings)
         return tuple(Symbol(name, rs.score_of(name, score_set), "spamassassin", rs.describes.get(name, ""))
                      for name in rs.rules if not name.startswith("__") and name not in owned)
 
